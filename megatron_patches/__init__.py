@@ -1,0 +1,1 @@
+"""Small, named, explicitly applied patches of megatron-core (nothing is patched at import time)."""

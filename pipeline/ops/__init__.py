@@ -1,0 +1,1 @@
+"""Vocab-parallel math on tensor-parallel-sharded logits (log-prob, entropy, entropy influence)."""

@@ -1,0 +1,28 @@
+"""Entropy-control RL post-training pipeline: Megatron-core actor, SGLang rollout, vocab-parallel losses."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="entropy-rl-pipeline",
+    version="0.1.0",
+    description="RL post-training for LLMs with exact, vocab-parallel entropy-control methods",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pipeline", "pipeline.*", "megatron_patches", "megatron_patches.*"]),
+    install_requires=[
+        "torch>=2.6",  # pin with constraints.txt: torch==2.13.0 is the CPU build
+        "megatron-core>=0.16.1",
+        "numpy",
+        "packaging",
+        "psutil",  # undeclared dependency of megatron-core's dist_checkpointing
+        "PyYAML",
+        "tqdm",
+    ],
+    extras_require={
+        # Everything the CPU test suite needs. Never Transformer Engine, apex or flash-attn:
+        # importable on a CPU machine, they break megatron-core (see docs/megatron-cpu notes).
+        "test": ["pytest", "ruff"],
+        # What a GPU cluster adds. Never installed on CPU machines.
+        "gpu": ["transformer-engine[pytorch]", "triton"],
+    },
+    entry_points={"console_scripts": []},
+)
