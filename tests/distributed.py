@@ -12,6 +12,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 
 import torch.distributed as dist
@@ -52,10 +53,13 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
             nprocs=world_size,
             join=False,
         )
-        if not ctx.join(timeout):
-            for proc in ctx.processes:
-                proc.kill()
-            raise AssertionError(f"distributed test did not finish within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        # join() returns False while some processes are still running; it raises if one failed.
+        while not ctx.join(max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                raise AssertionError(f"distributed test did not finish within {timeout:.0f} s")
         results, errors = [], []
         for r in range(world_size):
             path = os.path.join(out_dir, f"rank{r}.pkl")
