@@ -216,7 +216,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         ctx.save_for_backward(
             logits, local_target, torch.stack([m_global, mean_shift, log_s0], 1), neg_inf_rows
         )
-        ctx.n_valid, ctx.inv_temp, ctx.chunk = n_valid, inv_temp, chunk
+        ctx.vocab_start, ctx.n_valid, ctx.inv_temp, ctx.chunk = vocab_start, n_valid, inv_temp, chunk
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
         return logp, (ent if want_ent else None), infl
 
@@ -224,7 +224,8 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent, _g_inf):
         if g_logp is None and g_ent is None:
             return (None,) * 9
-        logits, local_target, stats, neg_inf_rows = ctx.saved_tensors
+        logits, target, stats, neg_inf_rows = ctx.saved_tensors
+        local_target = target - ctx.vocab_start
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         _backward_into(
             grad,

@@ -298,3 +298,59 @@ def test_uniform_entropy_is_log_v():
     z = torch.zeros(2, 1000)
     out = vocab_parallel_logprob_entropy(z, torch.tensor([0, 899]), valid_vocab_size=900)
     assert torch.allclose(out.entropy, torch.full((2,), math.log(900)), atol=1e-6)
+
+
+def _count_collectives_and_saved(rank, world_size):
+    """Two forward collectives, none in backward; O(tokens) saved beyond references to the inputs."""
+    group = dist.new_group(list(range(world_size)))
+    calls = {"n": 0}
+    names = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "broadcast",
+    )
+    originals = {name: getattr(dist, name) for name in names}
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    n_tok, v_local = 64, 48
+    shard = torch.randn(n_tok, v_local, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, v_local * world_size, (n_tok,))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    for name in names:
+        setattr(dist, name, counting(originals[name]))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = vocab_parallel_logprob_entropy(shard, target, tp_group=group, influence=True)
+        fwd = calls["n"]
+        (out.logprob.sum() + out.entropy.sum()).backward()
+        bwd = calls["n"] - fwd
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    inputs = {shard.untyped_storage().data_ptr(), target.untyped_storage().data_ptr()}
+    new_bytes = sum(
+        t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr() not in inputs
+    )
+    return fwd, bwd, new_bytes / n_tok
+
+
+@pytest.mark.multiproc
+def test_two_forward_collectives_none_in_backward_and_o_tokens_saved():
+    for fwd, bwd, saved_per_token in run_distributed(_count_collectives_and_saved, 2):
+        assert fwd == 2 and bwd == 0, (fwd, bwd)
+        # 3 fp32 statistics and 1 flag per token: nothing proportional to V_local
+        assert saved_per_token <= 16, saved_per_token
