@@ -213,9 +213,8 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             sum_p2_logp = (s[:, 4] - s[:, 3] * log_s0) / s0_sq
             infl = torch.exp(logp) * (logp + ent) - sum_p2_logp - ent * sum_p2
             ctx.mark_non_differentiable(infl)
-        ctx.save_for_backward(
-            logits, local_target, torch.stack([m_global, mean_shift, log_s0], 1), neg_inf_rows
-        )
+        stats = torch.stack([m_global, mean_shift, log_s0], 1)
+        ctx.save_for_backward(logits, target, stats, neg_inf_rows)
         ctx.vocab_start, ctx.n_valid, ctx.inv_temp, ctx.chunk = vocab_start, n_valid, inv_temp, chunk
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
         return logp, (ent if want_ent else None), infl
