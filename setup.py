@@ -16,6 +16,10 @@ setup(
         "psutil",  # undeclared dependency of megatron-core's dist_checkpointing
         "PyYAML",
         "tqdm",
+        "transformers",  # tokenizers, chat templates, HF checkpoints, the in-process engine
+        "safetensors",
+        "math-verify",  # verifiable math rewards
+        "pyarrow",  # parquet datasets
     ],
     extras_require={
         # Everything the CPU test suite needs. Never Transformer Engine, apex or flash-attn:

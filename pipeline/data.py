@@ -1,0 +1,220 @@
+"""Prompt datasets: jsonl or parquet rows with a prompt and a ground truth, made into token ids.
+
+Layouts that work without configuration:
+
+- DAPO-Math / verl: ``{"prompt": [{"role": "user", "content": ...}], "reward_model": {"ground_truth": ...}}``
+- GSM8K: ``{"question": ..., "answer": "... #### 72"}`` (the ground truth is the text after ``####``)
+- plain: ``{"prompt": "...", "answer": "..."}``
+
+Other layouts name their fields with dotted paths (``prompt_key="input.text"``). Bad rows (a missing
+field, an empty prompt, a prompt longer than the limit) are counted, reported with file and line,
+and skipped: they never reach the RL step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # jsonl or parquet files
+    eval_files: list[str] = field(default_factory=list)  # held-out set for evaluation
+    prompt_key: str | None = None  # dotted path; None = detect the layout (DAPO-Math, GSM8K, plain)
+    answer_key: str | None = None  # dotted path to the ground truth; None = detect
+    max_prompt_tokens: int = 512  # longer prompts are skipped (and reported)
+    apply_chat_template: bool = True  # wrap string prompts as one user turn of the tokenizer's template
+    system_prompt: str | None = None  # prepended as a system turn when the chat template is used
+    shuffle: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens={self.max_prompt_tokens}: must be >= 1")
+        for f in (*self.train_files, *self.eval_files):
+            if not f.endswith((".jsonl", ".json", ".parquet")):
+                raise ConfigError(f"{f}: expected a .jsonl or .parquet file")
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One prompt ready for rollout."""
+
+    uid: int  # stable id of the prompt (its index among kept rows)
+    input_ids: list[int]
+    ground_truth: str
+    text: str  # the prompt as the model sees it (after the chat template)
+    source: str  # "file:line" for error messages
+
+
+@dataclass(slots=True)
+class LoadReport:
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
+
+    def add_skip(self, where: str, reason: str) -> None:
+        self.skipped[reason.split(":")[0]] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.kept} prompts"
+        parts = ", ".join(f"{n} {r}" for r, n in self.skipped.items())
+        return f"{self.kept} prompts; skipped {sum(self.skipped.values())} ({parts}); e.g. " + "; ".join(
+            self.examples[:3]
+        )
+
+
+def _get(row: Any, path: str):
+    node = row
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(path)
+    return node
+
+
+def _detect(row: dict) -> tuple[Any, str]:
+    """(prompt, ground_truth) of a row in one of the known layouts."""
+    if "reward_model" in row and "prompt" in row:  # DAPO-Math / verl
+        return row["prompt"], str(_get(row, "reward_model.ground_truth"))
+    if "question" in row and "answer" in row:  # GSM8K
+        answer = str(row["answer"])
+        return row["question"], answer.split("####")[-1].strip().replace(",", "")
+    for p, a in (
+        ("prompt", "answer"),
+        ("prompt", "ground_truth"),
+        ("problem", "answer"),
+        ("problem", "solution"),
+    ):
+        if p in row and a in row:
+            return row[p], str(row[a])
+    raise KeyError("no known layout (DAPO-Math prompt/reward_model, GSM8K question/answer, prompt/answer)")
+
+
+def read_rows(path: str | Path):
+    """Yield (line_number, row dict or exception) from a jsonl or parquet file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, row
+        return
+    with path.open() as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, e
+
+
+def _render(prompt: Any, tokenizer, cfg: DataConfig) -> str:
+    if isinstance(prompt, list):  # chat messages
+        messages = [dict(m) for m in prompt]
+    elif isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+    if cfg.system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    if cfg.apply_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(str(m["content"]) for m in messages)
+
+
+def load_prompts(files: list[str], tokenizer, cfg: DataConfig) -> tuple[list[Prompt], LoadReport]:
+    """Load, render and tokenize every row; skip and report bad ones."""
+    report = LoadReport()
+    prompts: list[Prompt] = []
+    for file in files:
+        for line, row in read_rows(file):
+            where = f"{file}:{line}"
+            if isinstance(row, Exception):
+                report.add_skip(where, f"invalid JSON: {row}")
+                continue
+            try:
+                if cfg.prompt_key or cfg.answer_key:
+                    prompt = _get(row, cfg.prompt_key) if cfg.prompt_key else _detect(row)[0]
+                    answer = str(_get(row, cfg.answer_key)) if cfg.answer_key else _detect(row)[1]
+                else:
+                    prompt, answer = _detect(row)
+            except KeyError as e:
+                report.add_skip(where, f"missing field: {e.args[0]}")
+                continue
+            if answer is None or str(answer).strip() == "" or str(answer) == "None":
+                report.add_skip(where, "missing field: empty ground truth")
+                continue
+            try:
+                text = _render(prompt, tokenizer, cfg)
+            except (TypeError, KeyError) as e:
+                report.add_skip(where, f"bad prompt: {e}")
+                continue
+            if not text.strip():
+                report.add_skip(where, "bad prompt: empty")
+                continue
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > cfg.max_prompt_tokens:
+                report.add_skip(
+                    where, f"prompt too long: {len(ids)} > max_prompt_tokens={cfg.max_prompt_tokens}"
+                )
+                continue
+            prompts.append(Prompt(len(prompts), list(ids), str(answer).strip(), text, where))
+    report.kept = len(prompts)
+    if report.skipped:
+        log.warning("dataset %s: %s", ",".join(files), report.summary())
+    if cfg.shuffle:
+        random.Random(cfg.seed).shuffle(prompts)
+    return prompts, report
+
+
+class PromptSampler:
+    """Endless, seeded, epoch-wise iteration over prompts; its position is checkpointable."""
+
+    def __init__(self, prompts: list[Prompt], seed: int = 0):
+        if not prompts:
+            raise ValueError("no prompts to sample from (every row was skipped or the file list is empty)")
+        self.prompts, self.seed = prompts, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm()
+
+    def _perm(self) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Prompt]:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._perm()
+            out.append(self.prompts[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._perm()

@@ -1,0 +1,15 @@
+"""Reward functions: verifiable math answers, format, DAPO overlong shaping, custom ones by import path."""
+
+from pipeline.rewards.compute import RewardConfig, RewardResult, compute_rewards, load_reward_fn
+from pipeline.rewards.math_reward import extract_answer, math_reward
+from pipeline.rewards.overlong import overlong_penalty
+
+__all__ = [
+    "RewardConfig",
+    "RewardResult",
+    "compute_rewards",
+    "extract_answer",
+    "load_reward_fn",
+    "math_reward",
+    "overlong_penalty",
+]
