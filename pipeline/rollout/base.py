@@ -1,0 +1,55 @@
+"""The engine interface every rollout backend implements, and the sample it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # the trainer computes log-probs at this temperature too
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
+    seed: int | None = None  # per-request seed; None = the engine's generator
+
+
+@dataclass(slots=True)
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]  # per response token, under the sampling distribution (temperature applied)
+    finish_reason: str  # "stop" (EOS or stop token) or "length"
+    weight_version: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class Engine(Protocol):
+    """What the trainer needs from a rollout engine (SGLangEngine, LocalEngine)."""
+
+    weight_version: int
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def release_memory(self) -> None: ...
+
+    def resume_memory(self) -> None: ...
+
+    def health(self) -> bool: ...
+
+    def shutdown(self) -> None: ...
