@@ -1,0 +1,120 @@
+"""`ActorConfig`: the Megatron actor's parallel layout, optimiser and schedule, with validation.
+
+`ActorConfig.validate()` checks what the fields alone decide. `check_layout(cfg, hf_config,
+world_size)` checks the layout against a model and a world size (heads and KV groups divisible by
+TP, layers by PP x VPP, world size by TP x PP, a supported architecture); the actor calls it before
+any process group exists, and every error names the field and values that would work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ConfigError
+
+# Hugging Face `model_type`s whose layout pipeline/actor/hf_mapping knows.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16", "float16")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+
+
+@dataclass(kw_only=True, slots=True)
+class ActorConfig:
+    model_path: str = ""  # HF directory (config.json, *.safetensors); "" = set by the caller
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    vpp: int | None = None  # virtual pipeline chunks per PP rank (None = not interleaved)
+    micro_batch_size: int = 1  # sequences per micro-batch through the pipeline schedule
+    dtype: str = "float32"  # parameter/compute dtype: float32, bfloat16 or float16
+    lr: float = 1e-6  # peak learning rate
+    min_lr: float = 0.0  # learning rate at the end of the decay
+    lr_warmup_steps: int = 0  # optimizer steps of linear warm-up
+    lr_decay_steps: int = 1_000_000  # optimizer steps over which the LR decays to min_lr
+    lr_decay_style: str = "constant"  # constant, linear, cosine, inverse-square-root or WSD
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0 = off)
+    use_distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks
+    make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this x tp
+    temperature: float = 1.0  # logits are divided by this before log-prob/entropy (= rollout's)
+    seed: int = 1234  # model-parallel RNG seed (dropout; random init when no weights are loaded)
+    attention_dropout: float = 0.0  # dropout on attention probabilities (RL: keep 0)
+    hidden_dropout: float = 0.0  # dropout on residual branches (RL: keep 0)
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "micro_batch_size", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"actor.{name}={getattr(self, name)}: must be >= 1")
+        if self.vpp is not None:
+            if self.vpp < 1:
+                raise ConfigError(f"actor.vpp={self.vpp}: use null (no interleaving) or an integer >= 1")
+            if self.vpp > 1 and self.pp < 2:
+                raise ConfigError(
+                    f"actor.vpp={self.vpp} needs actor.pp >= 2 (got pp={self.pp}); set vpp=null or pp>=2"
+                )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"actor.dtype={self.dtype!r}: expected one of {list(DTYPES)}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(
+                f"actor.lr_decay_style={self.lr_decay_style!r}: expected one of {list(LR_DECAY_STYLES)}"
+            )
+        if not (0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"actor.min_lr={self.min_lr}: must be in [0, actor.lr={self.lr}]")
+        if self.lr_warmup_steps < 0 or self.lr_decay_steps < 1:
+            raise ConfigError(
+                f"actor.lr_warmup_steps={self.lr_warmup_steps}, actor.lr_decay_steps="
+                f"{self.lr_decay_steps}: need warmup >= 0 and decay >= 1"
+            )
+        if self.lr_decay_style != "constant" and self.lr_warmup_steps >= self.lr_decay_steps:
+            raise ConfigError(
+                f"actor.lr_warmup_steps={self.lr_warmup_steps} must be < actor.lr_decay_steps="
+                f"{self.lr_decay_steps}"
+            )
+        if self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError("actor.clip_grad and actor.weight_decay must be >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"actor.temperature={self.temperature}: must be > 0")
+
+    @property
+    def virtual_stages(self) -> int:
+        return self.vpp or 1
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_layout(cfg: ActorConfig, hf_config: dict, world_size: int) -> None:
+    """Raise ConfigError if `cfg`'s layout cannot run `hf_config` on `world_size` processes."""
+    cfg.validate()
+    arch = hf_config.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"actor.model_path: model_type={arch!r} is not supported; supported: "
+            f"{list(SUPPORTED_ARCHITECTURES)} (add a mapping in pipeline/actor/hf_mapping)"
+        )
+    heads = hf_config["num_attention_heads"]
+    kv = hf_config.get("num_key_value_heads") or heads
+    layers = hf_config["num_hidden_layers"]
+    if heads % cfg.tp or kv % cfg.tp:
+        ok = [d for d in _divisors(kv) if heads % d == 0]
+        raise ConfigError(
+            f"actor.tp={cfg.tp}: num_attention_heads={heads} and num_key_value_heads={kv} must both "
+            f"be divisible by tp; tp in {ok} would work"
+        )
+    stages = cfg.pp * cfg.virtual_stages
+    if layers % stages:
+        ok = [d for d in _divisors(layers) if d >= cfg.pp and d % cfg.pp == 0]
+        raise ConfigError(
+            f"actor.pp={cfg.pp} x actor.vpp={cfg.vpp}: num_hidden_layers={layers} must be divisible by "
+            f"pp x vpp = {stages}; pp x vpp in {ok} would work"
+        )
+    if world_size % (cfg.tp * cfg.pp):
+        ok = [(t, p) for t in _divisors(world_size) for p in _divisors(world_size // t)]
+        ok = [f"tp={t},pp={p}" for t, p in ok if heads % t == 0 and kv % t == 0 and layers % p == 0]
+        raise ConfigError(
+            f"actor.tp={cfg.tp} x actor.pp={cfg.pp} = {cfg.tp * cfg.pp} does not divide the world size "
+            f"{world_size}; layouts that would work: {ok}"
+        )

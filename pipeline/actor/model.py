@@ -1,0 +1,157 @@
+"""Build a megatron-core `GPTModel` (one chunk per virtual pipeline stage) from a HF `config.json`.
+
+Covers the Llama family as Hugging Face writes it: Llama 2/3 (RoPE scaling "linear"/"llama3"),
+Mistral, Qwen2/Qwen2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm, explicit `head_dim`): GQA, RMSNorm,
+SwiGLU, tied or untied embeddings, the vocab padded to a multiple of 128 x TP. The layer spec is
+chosen in `layer_spec` only. Call after `parallel_state.initialize_model_parallel`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.transformer import TransformerConfig
+
+from pipeline.actor.config import ActorConfig
+from pipeline.actor.hf_mapping.common import padded_vocab_size
+from pipeline.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """`config.json` of a HF model directory (or the file itself) as a dict."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    return json.loads(path.read_text())
+
+
+def uses_transformer_engine() -> bool:
+    """True where the Transformer Engine spec is used: CUDA present and TE importable."""
+    return torch.cuda.is_available() and bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+
+
+def layer_spec(hf_config: dict):
+    """The one place that picks the transformer-layer spec (TE on CUDA when importable, else local)."""
+    qk_norm = hf_config.get("model_type") == "qwen3"
+    if uses_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+
+
+def _biases(hf_config: dict) -> tuple[bool, bool]:
+    """(add_qkv_bias, add_bias_linear) for megatron from the HF flags."""
+    if hf_config["model_type"] == "qwen2":
+        return True, False
+    attn, mlp = bool(hf_config.get("attention_bias", False)), bool(hf_config.get("mlp_bias", False))
+    if attn != mlp:
+        raise ConfigError(
+            f"actor.model_path: attention_bias={attn} with mlp_bias={mlp} is not expressible in "
+            "megatron-core (add_bias_linear covers both); supported: both true or both false"
+        )
+    return attn, attn
+
+
+def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
+    """Megatron `TransformerConfig` for `hf_config` under `cfg`'s layout and dtype."""
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"actor.model_path: hidden_act={hf_config['hidden_act']!r}; supported: 'silu'")
+    heads = hf_config["num_attention_heads"]
+    add_qkv_bias, add_bias_linear = _biases(hf_config)
+    dtype = DTYPES[cfg.dtype]
+    return TransformerConfig(
+        num_layers=hf_config["num_hidden_layers"],
+        hidden_size=hf_config["hidden_size"],
+        ffn_hidden_size=hf_config["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf_config.get("num_key_value_heads") or heads,
+        kv_channels=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_qkv_bias=add_qkv_bias,
+        add_bias_linear=add_bias_linear,
+        qk_layernorm=hf_config["model_type"] == "qwen3",
+        init_method_std=hf_config.get("initializer_range", 0.02),
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        virtual_pipeline_model_parallel_size=cfg.vpp if (cfg.vpp or 1) > 1 else None,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def rope_inv_freq(hf_config: dict) -> torch.Tensor:
+    """RoPE inverse frequencies exactly as transformers computes them ("default", "linear", "llama3")."""
+    heads = hf_config["num_attention_heads"]
+    dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    base = float(hf_config.get("rope_theta", 10000.0))
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = hf_config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ConfigError(
+        f"actor.model_path: rope_scaling type {kind!r} is not supported; supported: default, linear, llama3"
+    )
+
+
+def build_model(hf_config: dict, cfg: ActorConfig) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual stage), randomly initialised, not wrapped."""
+    config = transformer_config(hf_config, cfg)
+    inv_freq = rope_inv_freq(hf_config)
+    vocab = padded_vocab_size(hf_config["vocab_size"], cfg.tp, cfg.make_vocab_size_divisible_by)
+    tie = bool(hf_config.get("tie_word_embeddings", False))
+    chunks = []
+    vpp = cfg.vpp if (cfg.vpp or 1) > 1 else None
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp else None
+        model = GPTModel(
+            config,
+            layer_spec(hf_config),
+            vocab_size=vocab,
+            max_sequence_length=hf_config.get("max_position_embeddings", 4096),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=tie,
+            position_embedding_type="rope",
+            rotary_base=int(hf_config.get("rope_theta", 10000)),
+            vp_stage=vp_stage,
+        )
+        if getattr(model, "rotary_pos_emb", None) is not None:
+            model.rotary_pos_emb.inv_freq = inv_freq.clone()  # HF's scaling, whatever its parameters
+        chunks.append(model)
+    return chunks

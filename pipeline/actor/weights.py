@@ -1,0 +1,94 @@
+"""Load a HF safetensors directory into this rank's (TP/PP/VPP-sharded) Megatron model chunks.
+
+Each rank reads only the tensors its chunks need (safetensors are memory-mapped), maps them to
+Megatron's layout with `pipeline.actor.hf_mapping`, cuts its tensor-parallel piece and copies it
+into the parameter. Every parameter must be loaded exactly once; anything else is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state as ps
+from safetensors import safe_open
+
+from pipeline.actor.hf_mapping import get_mapping
+from pipeline.actor.hf_mapping.common import tp_shard
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+class SafetensorsDir(Mapping):
+    """Read-only, lazy `{name: tensor}` view of the ``*.safetensors`` files of a directory."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            files = {}
+            for f in sorted(path.glob("*.safetensors")):
+                with safe_open(f, framework="pt") as h:
+                    files.update(dict.fromkeys(h.keys(), f))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {path}")
+        self._files = files
+
+    def __getitem__(self, key):
+        with safe_open(self._files[key], framework="pt") as h:
+            return h.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self):
+        return len(self._files)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def global_name(model: torch.nn.Module, name: str) -> str:
+    """`decoder.layers.{local}.x` of one chunk -> `decoder.layers.{global}.x` (others unchanged)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name
+    layer = model.decoder.layers[int(m.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+
+
+def is_te_naming(chunks) -> bool:
+    return any(n.endswith("layer_norm_weight") for c in chunks for n, _ in unwrap(c).named_parameters())
+
+
+def load_hf_weights(chunks, hf_dir: str | Path, hf_config: dict) -> int:
+    """Copy the HF weights of `hf_dir` into `chunks` (this rank's pieces); returns tensors loaded."""
+    models = [unwrap(c) for c in chunks]
+    hf = SafetensorsDir(hf_dir)
+    mapping = get_mapping(hf_config["model_type"])
+    padded_vocab = models[0].vocab_size
+    full = mapping.hf_to_megatron(hf, hf_config, padded_vocab=padded_vocab, te=is_te_naming(chunks))
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    loaded = 0
+    for model in models:
+        for name, param in model.named_parameters():
+            key = global_name(model, name)
+            if key not in full:
+                raise KeyError(f"no HF tensor maps to megatron parameter {key} ({hf_dir})")
+            dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+            piece = tp_shard(full[key], key, dim, tp_rank, tp_size, gated=True)
+            if piece.shape != param.shape:
+                raise ValueError(f"{key}: HF gives {tuple(piece.shape)}, model has {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(piece.to(param.dtype))
+            loaded += 1
+    return loaded
