@@ -20,6 +20,9 @@ setup(
         "safetensors",
         "math-verify",  # verifiable math rewards
         "pyarrow",  # parquet datasets
+        "ray",  # orchestration: placement groups, actor and rollout groups
+        "tensorboard",  # metrics
+        "matplotlib",  # plots of entropy and reward curves
     ],
     extras_require={
         # Everything the CPU test suite needs. Never Transformer Engine, apex or flash-attn:

@@ -1,0 +1,81 @@
+"""Metrics of a run: one JSON line per step (the source of truth), TensorBoard, and W&B when configured."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """`log(step, metrics)` appends `{"step": s, "time": t, **metrics}` to metrics.jsonl and mirrors
+    the numbers to TensorBoard (and W&B if `wandb_project` is set). Resuming appends to the same
+    file after dropping the lines of steps that will be recomputed."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+    ):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._wandb = None
+        if wandb_project:
+            import wandb  # optional dependency: only when configured
+
+            self._wandb = wandb.init(
+                project=wandb_project, dir=str(self.dir), config=config or {}, resume="allow"
+            )
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines with step > `step` (a resumed run recomputes them)."""
+        if not self.path.exists():
+            return
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        for k, v in metrics.items():
+            if isinstance(v, bool):
+                v = int(v)
+            if isinstance(v, int | float):
+                row[k] = v if math.isfinite(v) else str(v)
+            elif isinstance(v, str):
+                row[k] = v
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        numeric = {k: v for k, v in row.items() if isinstance(v, int | float) and k not in ("step", "time")}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
