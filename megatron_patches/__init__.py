@@ -14,7 +14,8 @@ adds a call site nobody has looked at (``tests/megatron_patches``). ``CONTIGUOUS
 for gloo collectives that were handed non-contiguous tensors.
 
 Never applied on a CUDA machine: there the real code paths run (the CPU patches refuse to apply when
-CUDA is available, except the two gloo ones, which only act on gloo groups).
+CUDA is available; the two gloo ones only act on gloo groups, and the Adam-step one only where
+torch's own Adam is used).
 """
 
 from __future__ import annotations
@@ -474,6 +475,70 @@ def unbatched_p2p_on_gloo() -> None:
     cls.__init__ = __init__
 
 
+def torch_adam_step_in_checkpoints() -> None:
+    """Let the distributed optimizer save and load checkpoints with torch's own Adam.
+
+    Upstream (megatron-core 0.16.1, without Transformer Engine or Apex, i.e. torch.optim.Adam):
+    ``DistributedOptimizer.state_dict`` (distrib_optimizer.py:642) asserts that every parameter's
+    Adam state has one common ``step``, which fails on a fresh optimizer, the one a run resumes
+    into; and ``_set_main_param_and_optimizer_states`` (:940) copies every key of the live state,
+    including the ``step`` that ``load_state_dict`` (:822) just set, from the checkpoint's
+    ``fully_reshardable`` tensors, which do not hold it (``KeyError: 'step'``). Worse, :822 gives
+    every parameter the *same* ``step`` tensor, which torch's Adam increments in place once per
+    parameter, so bias correction is wrong from the second step after a resume (silent).
+
+    Fix: a fresh optimizer gets zero Adam state at step 0 before ``state_dict`` (what
+    ``load_state_dict`` allocates anyway, and the load overwrites); the per-parameter copy keeps the
+    live ``step`` when the checkpoint tensors have none (it was already set from the checkpoint's
+    param groups at :822); after ``load_state_dict`` every parameter gets its own ``step`` tensor.
+
+    Safe because: it acts only where upstream would raise; TE/Apex optimizers keep ``step`` in the
+    param groups and never reach either path.
+    """
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = distrib.DistributedOptimizer
+    if getattr(cls.state_dict, "__adam_step__", False):
+        return
+    original_state_dict = cls.state_dict
+    original_set = cls._set_main_param_and_optimizer_states
+    original_load = cls.load_state_dict
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self):
+        inner = self.optimizer
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    if "step" not in state:
+                        state["step"] = torch.tensor(0.0)
+                        state.setdefault("exp_avg", torch.zeros_like(p.data))
+                        state.setdefault("exp_avg_sq", torch.zeros_like(p.data))
+        return original_state_dict(self)
+
+    @functools.wraps(original_set)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}  # copying it onto itself keeps it
+        return original_set(self, model_param, tensors)
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()  # one counter per parameter, as torch expects
+
+    state_dict.__adam_step__ = True
+    cls.load_state_dict = load_state_dict
+    cls.state_dict = state_dict
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
 PATCHES = {
     f.__name__: f
     for f in (
@@ -483,13 +548,14 @@ PATCHES = {
         cuda_type_strings_on_cpu,
         gloo_contiguous_collectives,
         unbatched_p2p_on_gloo,
+        torch_adam_step_in_checkpoints,
     )
 }
 
 # Everything a CPU machine (tests, CI, the CPU demo) needs.
 CPU_PATCHES = list(PATCHES)
-# What a CUDA machine may still want when some groups are gloo (e.g. a gloo weight-sync group).
-GLOO_PATCHES = ["gloo_contiguous_collectives", "unbatched_p2p_on_gloo"]
+# Safe on any machine: what a CUDA machine may still want (gloo groups, torch Adam without TE/Apex).
+PORTABLE_PATCHES = ["gloo_contiguous_collectives", "unbatched_p2p_on_gloo", "torch_adam_step_in_checkpoints"]
 
 
 def apply(names: list[str] | tuple[str, ...]) -> list[str]:
@@ -513,5 +579,5 @@ def apply(names: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def apply_for_this_machine() -> list[str]:
-    """CPU_PATCHES on a CPU build, GLOO_PATCHES where CUDA exists."""
-    return apply(CPU_PATCHES if not torch.cuda.is_available() else GLOO_PATCHES)
+    """CPU_PATCHES on a CPU build, PORTABLE_PATCHES where CUDA exists."""
+    return apply(CPU_PATCHES if not torch.cuda.is_available() else PORTABLE_PATCHES)

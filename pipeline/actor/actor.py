@@ -316,7 +316,11 @@ class MegatronActor:
         for i, c in enumerate(self.chunks):
             state[f"model{i}" if len(self.chunks) > 1 else "model"] = unwrap(c).sharded_state_dict()
         # The optimizer finds each parameter's ShardedTensor in the (nested) model state dicts.
-        state["optimizer"] = self.optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
+        # "fully_reshardable": optimizer state in model space, so a checkpoint loads at another
+        # TP/PP/DP layout (0.16.1 rejects the older "fully_sharded_model_space" format).
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            dict(state), is_loading=is_loading, metadata=_CKPT_METADATA
+        )
         if with_rng:
             layout = self._layout()
             rank = (
@@ -362,6 +366,9 @@ class MegatronActor:
             _set_rng_state(loaded["rng_state"])
         self.step_count = loaded["extra"]["step_count"]
         return loaded["extra"]["controllers"]
+
+
+_CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _rng_state() -> dict:

@@ -92,3 +92,37 @@ def load_hf_weights(chunks, hf_dir: str | Path, hf_config: dict) -> int:
                 param.copy_(piece.to(param.dtype))
             loaded += 1
     return loaded
+
+
+def gather_full_state(chunks) -> dict[str, torch.Tensor]:
+    """Every parameter of the whole model as one full tensor by global Megatron name, on every rank.
+
+    TP pieces are all-gathered over the tensor-parallel group (contiguous, for gloo) and joined
+    with `tp_unshard`; pipeline stages are merged with an object all-gather over the pipeline group.
+    Meant for small models, exports and tests (it holds the whole model on every rank).
+    """
+    import torch.distributed as dist
+
+    from pipeline.actor.hf_mapping.common import tp_unshard
+
+    tp_group, tp_size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    stage: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        model = unwrap(chunk)
+        for name, param in model.named_parameters():
+            key = global_name(model, name)
+            local = param.detach().float().contiguous()
+            dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+            if dim is not None and tp_size > 1:
+                pieces = [torch.empty_like(local) for _ in range(tp_size)]
+                dist.all_gather(pieces, local, group=tp_group)
+                local = tp_unshard(pieces, key, dim, gated=True)
+            stage[key] = local.clone()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return stage
+    stages = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(stages, stage, group=ps.get_pipeline_model_parallel_group())
+    full: dict[str, torch.Tensor] = {}
+    for s in stages:
+        full.update(s)
+    return full

@@ -28,8 +28,8 @@ def reference_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def setup_actor(cfg, hf_dir):
-    """Patches, parallel state and an actor with `hf_dir`'s weights (destroys any earlier state)."""
+def setup_actor(cfg, hf_dir, *, load_weights: bool = True):
+    """Patches, parallel state and an actor for `hf_dir` (its weights unless `load_weights` is False)."""
     from megatron.core import parallel_state as ps
 
     import megatron_patches
@@ -41,4 +41,4 @@ def setup_actor(cfg, hf_dir):
         ps.destroy_model_parallel()
     hf_config = read_hf_config(hf_dir)
     initialize_parallel(cfg, hf_config)
-    return MegatronActor(cfg, hf_config, hf_dir=hf_dir)
+    return MegatronActor(cfg, hf_config, hf_dir=hf_dir if load_weights else None)
