@@ -178,3 +178,13 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
         raise ConfigError(f"{path or '<overrides>'}: {e}") from None
     validate_tree(cfg)
     return cfg
+
+
+# The root of the tree: one field per component. Imported here, at the bottom, because each
+# component's module imports `ConfigError` from this one.
+from pipeline.actor.config import ActorConfig  # noqa: E402
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Config:
+    actor: ActorConfig = dataclasses.field(default_factory=ActorConfig)  # the Megatron actor
