@@ -183,8 +183,12 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
 # The root of the tree: one field per component. Imported here, at the bottom, because each
 # component's module imports `ConfigError` from this one.
 from pipeline.actor.config import ActorConfig  # noqa: E402
+from pipeline.algorithms.config import AdvantageConfig, EntropyControlConfig, LossConfig  # noqa: E402
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class Config:
     actor: ActorConfig = dataclasses.field(default_factory=ActorConfig)  # the Megatron actor
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # policy loss (method, clips, agg)
+    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)  # outcome advantages
+    entropy_control: EntropyControlConfig = dataclasses.field(default_factory=EntropyControlConfig)  # Skywork

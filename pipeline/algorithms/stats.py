@@ -1,0 +1,126 @@
+"""Exact batch statistics over an explicit data-parallel group: sums, top-k, random picks.
+
+Everything here is split-invariant: the result depends on the multiset of (value, id) pairs of the
+whole mini-batch, never on how rows are spread over ranks or micro-batches.
+
+* `all_reduce_sums` - one all-reduce of a vector of sums (float64).
+* `float_order_key` - the monotone int64 key of a float (bit pattern of its float64 value, negatives
+  flipped), so that float order == integer order and bisection on integers is exact.
+* `topk_mask` - exactly the k largest keys (ties at the k-th value broken by the smallest secondary
+  key, which must be unique), found by bisection: 64 scalar all-reduces per stage, no gather.
+* `splitmix64` / `token_hash` - a counter-based hash with int64 torch ops: a uniform key per
+  (seed, step, sample_id, position), bijective in (sample_id, position) for a fixed (seed, step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def all_reduce_sums(values: list[torch.Tensor | float], group=None, enabled: bool = True) -> list[float]:
+    """Sum each scalar over `group` (one all-reduce) and return Python floats."""
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values])
+    if enabled and group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+    return vec.tolist()
+
+
+def all_reduce_max(value: float, group=None, enabled: bool = True) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if enabled and group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item()
+
+
+def _count(pred: torch.Tensor, group) -> int:
+    c = pred.sum().reshape(1).to(torch.int64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
+    return int(c.item())
+
+
+def float_order_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 key with key(a) < key(b) iff a < b (for non-NaN floats; -0.0 sorts just below +0.0)."""
+    bits = x.detach().to(torch.float64).contiguous().view(torch.int64)
+    return torch.where(bits < 0, bits ^ _I64_MAX, bits)
+
+
+def key_to_float(key: int) -> float:
+    bits = key ^ _I64_MAX if key < 0 else key
+    return torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
+
+
+def kth_largest_key(key: torch.Tensor, valid: torch.Tensor, k: int, group=None) -> int:
+    """The k-th largest of `key[valid]` over the group (1 <= k <= global count), by bisection."""
+    lo, hi = _I64_MIN, 2**63  # invariant: count(key >= lo) >= k > count(key >= hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _count(valid & (key >= mid), group) >= k:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def topk_mask(key: torch.Tensor, valid: torch.Tensor, k: int, tie_key: torch.Tensor | None, group=None):
+    """Mask of exactly min(k, #valid) entries with the largest `key` over the group.
+
+    Ties at the k-th value are broken by the smallest `tie_key` (must be unique over the group for the
+    count to be exact); with `tie_key=None` every tied entry is kept (the count may exceed k).
+    Returns (mask, threshold_key).
+    """
+    n = _count(valid, group)
+    k = min(k, n)
+    if k <= 0:
+        return torch.zeros_like(valid), None
+    thr = kth_largest_key(key, valid, k, group)
+    above = valid & (key > thr)
+    tied = valid & (key == thr)
+    if tie_key is None:
+        return above | tied, thr
+    need = k - _count(above, group)
+    if _count(tied, group) == need:
+        return above | tied, thr
+    # the need-th smallest tie key == the need-th largest of its bitwise complement (~x = -x - 1)
+    s = kth_largest_key(~tie_key, tied, need, group)
+    return above | (tied & (~tie_key >= s)), thr
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (wrap-around arithmetic, logical shifts)."""
+
+    def shr(z, s):
+        return (z >> s) & ((1 << (64 - s)) - 1)
+
+    def signed(c):
+        return c - 2**64 if c >= 2**63 else c
+
+    z = x + signed(0x9E3779B97F4A7C15)
+    z = (z ^ shr(z, 30)) * signed(0xBF58476D1CE4E5B9)
+    z = (z ^ shr(z, 27)) * signed(0x94D049BB133111EB)
+    return z ^ shr(z, 31)
+
+
+def splitmix64_int(x: int) -> int:
+    """Python reference of `splitmix64` on one unsigned 64-bit integer."""
+    m = 2**64 - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def token_ids(sample_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Unique int64 id per token: sample_id * 2^32 + position (position = column index)."""
+    pos = torch.arange(length, dtype=torch.int64)
+    return (sample_ids.to(torch.int64)[:, None] << 32) | pos[None, :]
+
+
+def token_hash(sample_ids: torch.Tensor, length: int, seed: int, step: int) -> torch.Tensor:
+    """Uniform int64 key per token depending only on (seed, step, sample_id, position)."""
+    salt = splitmix64_int(splitmix64_int(seed & (2**64 - 1)) ^ (step & (2**64 - 1)))
+    salt = salt - 2**64 if salt >= 2**63 else salt
+    return splitmix64(token_ids(sample_ids, length) ^ salt)
