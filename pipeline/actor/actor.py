@@ -229,7 +229,9 @@ class MegatronActor:
         """One optimizer step on this rank's mini-batch with the loss library's `loss_cfg`.
 
         Returns metrics (the same on every rank): `loss` (the global mini-batch loss before the
-        step), `grad_norm`, `lr`, and the loss library's metrics.
+        step), `grad_norm` (before clipping), `lr` (used by this step; megatron's warm-up starts
+        at `init_lr` = 0, so the first warm-up step does not move the parameters), and the loss
+        library's metrics.
         """
         from pipeline.algorithms import apply_loss, prepare_loss
 
@@ -277,18 +279,21 @@ class MegatronActor:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run_schedule(micro_batches, loss_fn, forward_only=False)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step_count += 1
         metrics = None
         if self.is_last_stage:
-            loss = torch.stack([o["loss"].float() for o in outputs]).sum()
-            dist.all_reduce(loss, group=ps.get_data_parallel_group())
-            metrics = {"loss": float(loss), "update_successful": bool(ok)}
-            metrics.update(_floats(getattr(plan, "metrics", {}) or {}))
-            for key in outputs[0]:
-                if key != "loss":
-                    metrics.setdefault(f"mb/{key}", float(sum(_as_float(o[key]) for o in outputs) / n_mb))
+            # apply_loss's metrics are additive parts (`*_sum`): sum them over micro-batches and
+            # DP ranks; plan.metrics are already global.
+            keys = [k for k in outputs[0] if k == "loss" or k.endswith("_sum")]
+            sums = torch.tensor([[_as_float(o[k]) for k in keys] for o in outputs], dtype=torch.float64).sum(
+                0
+            )
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+            metrics = {**_floats(plan.metrics or {}), **dict(zip(keys, sums.tolist(), strict=True))}
+            metrics["update_successful"] = bool(ok)
         holder = [metrics]
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast_object_list(
@@ -298,7 +303,7 @@ class MegatronActor:
             )
         metrics = holder[0]
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["lr"] = lr
         return metrics
 
     # ------------------------------------------------------------------ checkpoints

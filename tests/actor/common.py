@@ -42,3 +42,29 @@ def setup_actor(cfg, hf_dir, *, load_weights: bool = True):
     hf_config = read_hf_config(hf_dir)
     initialize_parallel(cfg, hf_config)
     return MegatronActor(cfg, hf_config, hf_dir=hf_dir if load_weights else None)
+
+
+def training_batch(actor, seed: int, rows: slice | None = None) -> dict:
+    """`rl_batch(seed)` plus old log-probs (the actor's current ones, perturbed so ratios != 1) and
+    sample ids; `rows` picks this data-parallel rank's part *after* the whole batch is built."""
+    batch = rl_batch(250, seed=seed)
+    current = actor.compute_log_prob(batch)["log_prob"]
+    g = torch.Generator().manual_seed(1000 + seed)
+    batch["old_log_prob"] = current + 0.3 * torch.randn(current.shape, generator=g)
+    batch["sample_ids"] = torch.arange(B) + 100 * seed
+    if rows is not None:
+        batch = {k: v[rows] for k, v in batch.items()}
+    return batch
+
+
+def dp_rows(rank: int, world_size: int, dp: int) -> slice | None:
+    """This rank's rows when the layout is pure data parallel over `dp` ranks (None = all rows)."""
+    if dp == 1:
+        return None
+    return slice(rank * B // world_size, (rank + 1) * B // world_size)
+
+
+def close(a: dict, b: dict, skip=("output_layer.weight",)) -> float:
+    """max |a - b| over the tensors of two full states (the tied output copy is checked elsewhere)."""
+    assert {k for k in a if k not in skip} == {k for k in b if k not in skip}, set(a) ^ set(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a if k not in skip)

@@ -42,7 +42,7 @@ def test_logprobs_and_entropies_match_transformers_at_every_layout(tmp_path):
             key = (arch, tuple(sorted(layout.items())))
             for rank in range(2):  # every rank returns the same values (broadcast over PP)
                 out = results[rank][key]
-                assert out["log_prob"].dtype == torch.float32
+                assert out["log_prob"].dtype == torch.float32 and not out["log_prob"].requires_grad
                 d_lp = (out["log_prob"].double() - ref_lp)[mask].abs().max().item()
                 d_ent = (out["entropy"].double() - ref_ent)[mask].abs().max().item()
                 print(f"{arch} {layout} rank{rank}: |dlogp|={d_lp:.2e} |dH|={d_ent:.2e}")
