@@ -205,7 +205,9 @@ def check_hf_names(names, rules: list[Rule], model_type: str) -> None:
     names = set(names)
     needed = {n for r in rules for n in r.hf}
     missing = sorted(needed - names)
-    extra = sorted(n for n in names - needed if not n.endswith("rotary_emb.inv_freq"))
+    # Rotary buffers are config, and some tied checkpoints also store the (identical) lm_head.
+    ignorable = ("rotary_emb.inv_freq", "lm_head.weight")
+    extra = sorted(n for n in names - needed if not n.endswith(ignorable))
     if missing or extra:
         msg = [f"the HF weights do not match config.json (model_type={model_type!r}):"]
         if missing:
