@@ -24,6 +24,7 @@ from pipeline.algorithms.losses import (
     get_method,
     policy_loss,
     prepare_loss,
+    token_covariance,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "reinforce_plus_plus_advantages",
     "reinforce_plus_plus_baseline_advantages",
     "rloo_advantages",
+    "token_covariance",
 ]

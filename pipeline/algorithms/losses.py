@@ -202,14 +202,21 @@ class _Ctx:
     n_tokens: float
 
 
-def _centred_cov(ctx: _Ctx) -> Tensor:
-    """Cov_t = (log pi_t - mean log pi)(A_t - mean A), means over valid tokens of the (global) batch."""
-    m = ctx.mask
-    s_a, s_lp = all_reduce_sums(
-        [torch.where(m, ctx.advantages, 0).sum(), torch.where(m, ctx.log_prob, 0).sum()], ctx.group
-    )
-    cov = (ctx.advantages - s_a / ctx.n_tokens) * (ctx.log_prob - s_lp / ctx.n_tokens)
+@torch.no_grad()
+def token_covariance(log_prob: Tensor, advantages: Tensor, response_mask: Tensor, dp_group=None) -> Tensor:
+    """Cov_t = (log pi_t - mean log pi)(A_t - mean A) (arXiv 2505.22617 §4), 0 on padding.
+
+    Means over the valid tokens of the whole mini-batch (all-reduced over `dp_group` when given).
+    """
+    m = response_mask.bool()
+    lp, adv = torch.where(m, log_prob, 0), torch.where(m, advantages, 0)
+    s_a, s_lp, n = all_reduce_sums([adv.sum(), lp.sum(), m.sum()], dp_group)
+    cov = (adv - s_a / n) * (lp - s_lp / n)
     return torch.where(m, cov, torch.zeros_like(cov))
+
+
+def _centred_cov(ctx: _Ctx) -> Tensor:
+    return token_covariance(ctx.log_prob, ctx.advantages, ctx.mask, ctx.group)
 
 
 def _prepare_clip_cov(ctx: _Ctx):
@@ -221,7 +228,7 @@ def _prepare_clip_cov(ctx: _Ctx):
     L = m.shape[1]
     # smallest hash first: the largest of its bitwise complement; token ids break (impossible) ties
     key = ~token_hash(ctx.sample_ids, L, cfg.seed, ctx.step)
-    picked, _ = topk_mask(key, cand, clip_num, -token_ids(ctx.sample_ids, L), ctx.group)
+    picked, _ = topk_mask(key, cand, clip_num, token_ids(ctx.sample_ids, L), ctx.group)
     sums = {
         "clip_cov/candidates": cand.sum(),
         "clip_cov/selected": picked.sum(),
@@ -237,7 +244,7 @@ def _prepare_kl_cov(ctx: _Ctx):
     cov = _centred_cov(ctx)
     k = max(1, int(cfg.kl_cov_ratio * ctx.n_tokens))
     L = m.shape[1]
-    sel, _ = topk_mask(float_order_key(cov), m, k, -token_ids(ctx.sample_ids, L), ctx.group)
+    sel, _ = topk_mask(float_order_key(cov), m, k, token_ids(ctx.sample_ids, L), ctx.group)
     penalty = sel.to(ctx.log_prob.dtype) * cfg.kl_cov_coef
     abs_lr = (ctx.log_prob - ctx.old_log_prob).clamp(-20, 20).abs()
     sums = {
