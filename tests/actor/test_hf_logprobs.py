@@ -28,7 +28,6 @@ def _worker(rank, world_size, dirs):
 
 
 @pytest.mark.multiproc
-@pytest.mark.slow
 def test_logprobs_and_entropies_match_transformers_at_every_layout(tmp_path):
     dirs = {arch: str(make_tiny_hf(tmp_path / arch, arch)) for arch in FAMILIES}
     results = run_distributed(_worker, 2, dirs)

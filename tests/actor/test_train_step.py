@@ -9,6 +9,7 @@ that a wrong gradient scale would show in the gradient norm and in the parameter
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.actor.common import close, dp_rows, setup_actor, training_batch
 from tests.actor.tiny_hf import make_tiny_hf
@@ -53,8 +54,32 @@ def _worker(rank, world_size, hf_dir, layouts):
                     == 0
                 )
             results[(loss_name, name)] = (metrics, after, close(before, after))
+    if world_size == 2:
+        results["bf16"] = _bf16_logits_reach_the_op_unconverted(hf_dir)
     ps.destroy_model_parallel()
     return results
+
+
+def _bf16_logits_reach_the_op_unconverted(hf_dir):
+    """At dtype=bfloat16 (Float16Module) the op gets the bf16 logits shard, not an fp32 copy."""
+    import pipeline.actor.actor as actor_module
+    from pipeline.actor.config import ActorConfig
+    from pipeline.algorithms.config import LossConfig
+
+    seen = []
+    op = actor_module.vocab_parallel_logprob_entropy
+
+    def spy(logits, target, **kwargs):
+        seen.append((logits.dtype, tuple(logits.shape)))
+        return op(logits, target, **kwargs)
+
+    actor_module.vocab_parallel_logprob_entropy = spy
+    try:
+        actor = setup_actor(ActorConfig(tp=2, micro_batch_size=2, dtype="bfloat16", **OPTIM), hf_dir)
+        metrics = actor.train_step(training_batch(actor, seed=1), LossConfig(**LOSSES["clip_cov"]))
+    finally:
+        actor_module.vocab_parallel_logprob_entropy = op
+    return seen, metrics
 
 
 @pytest.mark.multiproc
@@ -63,6 +88,10 @@ def test_same_loss_and_parameters_at_tp1_tp2_pp2_vpp_and_dp2(tmp_path):
     hf_dir = str(make_tiny_hf(tmp_path / "qwen2", "qwen2"))  # tied embeddings, qkv biases
     ref = run_distributed(_worker, 1, hf_dir, {"tp1": dict(micro_batch_size=2)})[0]
     runs = run_distributed(_worker, 2, hf_dir, LAYOUTS_2)
+    for rank in range(2):
+        seen, metrics = runs[rank]["bf16"]
+        assert seen and all(dtype == torch.bfloat16 and shape[-1] == 128 for dtype, shape in seen), seen
+        assert abs(metrics["loss"] - ref[("clip_cov", "tp1")][0]["loss"]) < 2e-2
     for loss_name in LOSSES:
         ref_metrics, ref_params, moved = ref[(loss_name, "tp1")]
         assert moved > 1e-4, "the step must move the parameters for the comparison to mean anything"

@@ -168,7 +168,6 @@ def _worker(rank, world_size, ckpt_root):
 
 
 @pytest.mark.multiproc
-@pytest.mark.slow
 def test_cpu_patches_run_tp_pp_vpp_ddp_and_checkpoint_with_known_cuda_sites_only(tmp_path):
     results = run_distributed(_worker, 2, str(tmp_path))
     for applied, hits, contiguous_hits, _, scatter_ok in results:
