@@ -1,7 +1,7 @@
 """Load a HF safetensors directory into this rank's (TP/PP/VPP-sharded) Megatron model chunks.
 
-Each rank reads only the tensors its chunks need (safetensors are memory-mapped), maps them to
-Megatron's layout with `pipeline.actor.hf_mapping`, cuts its tensor-parallel piece and copies it
+Each rank reads only the tensors its chunks need (its own pipeline stages' layers), maps them to
+Megatron's layout with the rules of `pipeline.actor.hf_mapping`, cuts its tensor-parallel piece and copies it
 into the parameter. Every parameter must be loaded exactly once; anything else is an error.
 """
 
@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from pipeline.actor.hf_mapping import get_mapping
 from pipeline.actor.hf_mapping.common import tp_shard
+from pipeline.actor.hf_mapping.family import Dims, check_hf_names, read_hf
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
@@ -71,21 +72,27 @@ def is_te_naming(chunks) -> bool:
 
 
 def load_hf_weights(chunks, hf_dir: str | Path, hf_config: dict) -> int:
-    """Copy the HF weights of `hf_dir` into `chunks` (this rank's pieces); returns tensors loaded."""
+    """Copy the HF weights of `hf_dir` into `chunks` (this rank's pieces); returns tensors loaded.
+
+    Only the rules of this rank's parameters are converted, so a pipeline stage reads only its own
+    layers from the (memory-mapped) safetensors; every HF name is still checked against config.json.
+    """
     models = [unwrap(c) for c in chunks]
     hf = SafetensorsDir(hf_dir)
     mapping = get_mapping(hf_config["model_type"])
-    padded_vocab = models[0].vocab_size
-    full = mapping.hf_to_megatron(hf, hf_config, padded_vocab=padded_vocab, te=is_te_naming(chunks))
+    rules = {r.megatron: r for r in mapping.rules(hf_config, te=is_te_naming(chunks))}
+    check_hf_names(hf.keys(), list(rules.values()), hf_config["model_type"])
+    dims, padded_vocab = Dims.of(hf_config), models[0].vocab_size
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     loaded = 0
     for model in models:
         for name, param in model.named_parameters():
             key = global_name(model, name)
-            if key not in full:
+            if key not in rules:
                 raise KeyError(f"no HF tensor maps to megatron parameter {key} ({hf_dir})")
+            full = rules[key].to_megatron(read_hf(hf, rules[key]), dims, padded_vocab)
             dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-            piece = tp_shard(full[key], key, dim, tp_rank, tp_size, gated=True)
+            piece = tp_shard(full, key, dim, tp_rank, tp_size, gated=True)
             if piece.shape != param.shape:
                 raise ValueError(f"{key}: HF gives {tuple(piece.shape)}, model has {tuple(param.shape)}")
             with torch.no_grad():

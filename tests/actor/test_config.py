@@ -109,3 +109,10 @@ def test_hf_mapping_round_trip_is_exact():
         assert torch.equal(tp_unshard(pieces, "decoder.layers.0.mlp.linear_fc1.weight", 0, gated=True), fc1)
         back = mapping.megatron_to_hf(mc, cfg, te=te)
         assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_config_and_weight_mappings_support_the_same_architectures():
+    from pipeline.actor.config import SUPPORTED_ARCHITECTURES
+    from pipeline.actor.hf_mapping import SUPPORTED
+
+    assert set(SUPPORTED_ARCHITECTURES) == set(SUPPORTED)
