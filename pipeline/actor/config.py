@@ -94,6 +94,28 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def check_model_features(hf_config: dict) -> None:
+    """Raise ConfigError for a config.json feature the Megatron model cannot express exactly."""
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"actor.model_path: hidden_act={hf_config['hidden_act']!r}; supported: 'silu'")
+    scaling = hf_config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(
+            f"actor.model_path: rope_scaling type {kind!r} is not supported; supported: {list(ROPE_SCALINGS)}"
+        )
+    if hf_config.get("model_type") != "qwen2":
+        attn, mlp = bool(hf_config.get("attention_bias", False)), bool(hf_config.get("mlp_bias", False))
+        if attn != mlp:
+            raise ConfigError(
+                f"actor.model_path: attention_bias={attn} with mlp_bias={mlp} is not expressible in "
+                "megatron-core (add_bias_linear covers both); supported: both true or both false"
+            )
+
+
 def check_layout(cfg: ActorConfig, hf_config: dict, world_size: int) -> None:
     """Raise ConfigError if `cfg`'s layout cannot run `hf_config` on `world_size` processes."""
     cfg.validate()
@@ -103,6 +125,7 @@ def check_layout(cfg: ActorConfig, hf_config: dict, world_size: int) -> None:
             f"actor.model_path: model_type={arch!r} is not supported; supported: "
             f"{list(SUPPORTED_ARCHITECTURES)} (add a mapping in pipeline/actor/hf_mapping)"
         )
+    check_model_features(hf_config)
     heads = hf_config["num_attention_heads"]
     kv = hf_config.get("num_key_value_heads") or heads
     layers = hf_config["num_hidden_layers"]

@@ -18,7 +18,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 from megatron.core.transformer import TransformerConfig
 
-from pipeline.actor.config import ActorConfig
+from pipeline.actor.config import ActorConfig, check_model_features
 from pipeline.actor.hf_mapping.common import padded_vocab_size
 from pipeline.config import ConfigError
 
@@ -50,19 +50,13 @@ def _biases(hf_config: dict) -> tuple[bool, bool]:
     """(add_qkv_bias, add_bias_linear) for megatron from the HF flags."""
     if hf_config["model_type"] == "qwen2":
         return True, False
-    attn, mlp = bool(hf_config.get("attention_bias", False)), bool(hf_config.get("mlp_bias", False))
-    if attn != mlp:
-        raise ConfigError(
-            f"actor.model_path: attention_bias={attn} with mlp_bias={mlp} is not expressible in "
-            "megatron-core (add_bias_linear covers both); supported: both true or both false"
-        )
+    attn = bool(hf_config.get("attention_bias", False))  # == mlp_bias (check_model_features)
     return attn, attn
 
 
 def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
     """Megatron `TransformerConfig` for `hf_config` under `cfg`'s layout and dtype."""
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"actor.model_path: hidden_act={hf_config['hidden_act']!r}; supported: 'silu'")
+    check_model_features(hf_config)
     heads = hf_config["num_attention_heads"]
     add_qkv_bias, add_bias_linear = _biases(hf_config)
     dtype = DTYPES[cfg.dtype]

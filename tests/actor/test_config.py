@@ -116,3 +116,19 @@ def test_config_and_weight_mappings_support_the_same_architectures():
     from pipeline.actor.hf_mapping import SUPPORTED
 
     assert set(SUPPORTED_ARCHITECTURES) == set(SUPPORTED)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            r"rope_scaling type 'yarn' is not supported",
+        ),
+        ({"hidden_act": "gelu"}, r"hidden_act='gelu'; supported: 'silu'"),
+        ({"model_type": "llama", "attention_bias": True}, r"attention_bias=True with mlp_bias=False"),
+    ],
+)
+def test_model_features_megatron_cannot_express_are_rejected_before_start(change, match):
+    with pytest.raises(ConfigError, match=match):
+        check_layout(ActorConfig(), {**QWEN, **change}, world_size=1)
