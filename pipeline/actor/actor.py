@@ -142,6 +142,12 @@ class MegatronActor:
     def _micro_batches(self, batch: dict) -> list[dict]:
         ids = batch["input_ids"]
         b, mbs = ids.shape[0], self.cfg.micro_batch_size
+        r = batch["response_mask"].shape[-1]
+        if ids.dim() != 2 or batch["response_mask"].shape[0] != b or not 0 < r < ids.shape[1]:
+            raise ValueError(
+                f"input_ids {tuple(ids.shape)} and response_mask {tuple(batch['response_mask'].shape)}: "
+                "expected [B, S] and [B, R] with 0 < R < S (the response is the last R tokens)"
+            )
         if b % mbs:
             raise ValueError(f"mini-batch of {b} rows is not a multiple of actor.micro_batch_size={mbs}")
         mask = batch.get("attention_mask")
