@@ -67,6 +67,13 @@ common_args() {
     if [ -n "$RAY_OBJECT_STORE_BYTES" ]; then echo "--object-store-memory=$RAY_OBJECT_STORE_BYTES"; fi
 }
 
+# `ray`, or for an explicit loopback node address (single-host tests) Ray's CLI through
+# ray_loopback.py, which keeps 127.0.0.1 where plain `ray start` would swap in the external address.
+RAY_CMD=("$RAY_BIN")
+case "$RAY_NODE_IP" in
+    127.*) RAY_CMD=("${RL_PYTHON:-python3}" "$(dirname "$0")/ray_loopback.py") ;;
+esac
+
 RAY_PID=""
 TMP_DIR=""
 stop_ray() {
@@ -96,12 +103,12 @@ start_head() {
     local b=$((RAY_NODE_PORT_BASE))
     log "starting Ray head on $ip:$RAY_PORT (temp dir $TMP_DIR)"
     # shellcheck disable=SC2046  # the helpers print whitespace-separated flags on purpose
-    "$RAY_BIN" start --head --block --node-ip-address="$ip" --port="$RAY_PORT" \
+    "${RAY_CMD[@]}" start --head --block --node-ip-address="$ip" --port="$RAY_PORT" \
         --ray-client-server-port=$((b + 6)) --dashboard-port=$((b + 7)) --include-dashboard=false \
         --temp-dir="$TMP_DIR" $(port_args 0) $(common_args) &
     RAY_PID=$!
     local deadline=$((SECONDS + RAY_START_TIMEOUT_S))
-    until "$RAY_BIN" status --address="$ip:$RAY_PORT" >/dev/null 2>&1; do
+    until "${RAY_CMD[@]}" status --address="$ip:$RAY_PORT" >/dev/null 2>&1; do
         kill -0 "$RAY_PID" 2>/dev/null || die "ray start --head exited before the head answered"
         [ "$SECONDS" -lt "$deadline" ] || die "Ray head did not answer within ${RAY_START_TIMEOUT_S}s"
         sleep 1
@@ -134,7 +141,7 @@ start_worker() {
         log "joining $address as worker $rank from $ip (attempt $attempt)"
         started=$SECONDS
         # shellcheck disable=SC2046  # the helpers print whitespace-separated flags on purpose
-        "$RAY_BIN" start --block --address="$address" --node-ip-address="$ip" --temp-dir="$TMP_DIR" \
+        "${RAY_CMD[@]}" start --block --address="$address" --node-ip-address="$ip" --temp-dir="$TMP_DIR" \
             $(port_args "$rank") $(common_args) &
         RAY_PID=$!
         wait "$RAY_PID"

@@ -39,4 +39,4 @@ def test_requeue_exit_code_matches_the_sbatch_script():
     from pathlib import Path
 
     script = (Path(__file__).resolve().parents[2] / "slurm" / "ray_job.sbatch").read_text()
-    assert f'REQUEUE_EXIT_CODE:={preemption.REQUEUE_EXIT_CODE}}}' in script
+    assert f"REQUEUE_EXIT_CODE:={preemption.REQUEUE_EXIT_CODE}}}" in script
