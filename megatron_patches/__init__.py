@@ -249,7 +249,9 @@ def rng_tracker_on_cpu() -> None:
     Fix: the two module functions use ``torch.get_rng_state``/``torch.set_rng_state``.
 
     Safe because: on a CPU build the default (CPU) generator is the one dropout draws from, so the
-    tracker's fork/restore has the same meaning it has on GPU. CPU builds only.
+    tracker's fork/restore has the same meaning it has on GPU. CPU builds only. (With dropout > 0,
+    ``fork`` logs "CPU RNG state changed within GPU RNG context": expected here, the forked
+    generator *is* the CPU one; the state is restored on exit all the same.)
     """
     _require_cpu_build("rng_tracker_on_cpu")
     random = importlib.import_module("megatron.core.tensor_parallel.random")

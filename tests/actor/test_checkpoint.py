@@ -51,8 +51,30 @@ def _save_and_resume(rank, world_size, hf_dir, ckpt):
         batch = batches[0] if rows is None else {k: v[rows] for k, v in batches[0].items()}
         out[name] = other.train_step(batch, loss)
         out[f"{name}_params"] = gather_full_state(other.chunks)
+    out["dropout"] = _dropout_resume(hf_dir, ckpt + "_dropout", loss)
     ps.destroy_model_parallel()
     return out
+
+
+def _dropout_resume(hf_dir, ckpt, loss):
+    """With dropout on, only restoring the RNG states (CPU generator + megatron's tracker) makes a
+    resumed step equal the uninterrupted one; a resume whose RNG is re-seeded differs."""
+    from pipeline.actor.config import ActorConfig
+
+    cfg = ActorConfig(tp=2, micro_batch_size=2, hidden_dropout=0.2, attention_dropout=0.2, **BASE)
+    actor = setup_actor(cfg, hf_dir)
+    actor.train_step(training_batch(actor, seed=1), loss)
+    actor.save_checkpoint(ckpt)
+    batch = training_batch(actor, seed=2)
+    cont = actor.train_step(batch, loss)["loss"]
+    resumed = setup_actor(cfg, hf_dir, load_weights=False)
+    resumed.load_checkpoint(ckpt)
+    same = resumed.train_step(batch, loss)["loss"]
+    reseeded = setup_actor(cfg, hf_dir, load_weights=False)
+    reseeded.load_checkpoint(ckpt)
+    torch.manual_seed(12345)
+    other = reseeded.train_step(batch, loss)["loss"]
+    return cont, same, other
 
 
 def _resume_tp1(rank, world_size, hf_dir, ckpt, batch):
@@ -82,6 +104,8 @@ def test_save_at_tp2_resume_bit_identically_and_at_other_layouts(tmp_path):
     # Same layout: the resumed run continues bit for bit (loss, grad norm, lr, parameters).
     assert r["res"] == r["cont"]
     assert all(torch.equal(r["res_params"][k], r["cont_params"][k]) for k in r["cont_params"])
+    cont, same, reseeded = r["dropout"]
+    assert same == cont and reseeded != cont, r["dropout"]
 
     extra, tp1, tp1_params = run_distributed(_resume_tp1, 1, hf_dir, ckpt, r["batches"][0])[0]
     assert extra["entropy_controller"] == CONTROLLERS["entropy_controller"]
