@@ -35,11 +35,11 @@ def all_reduce_max(value: float, group=None, enabled: bool = True) -> float:
     return t.item()
 
 
-def _count(pred: torch.Tensor, group) -> int:
-    c = pred.sum().reshape(1).to(torch.int64)
+def _all_reduce_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    counts = counts.to(torch.int64).reshape(-1).clone()
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
-    return int(c.item())
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    return counts
 
 
 def float_order_key(x: torch.Tensor) -> torch.Tensor:
@@ -53,15 +53,24 @@ def key_to_float(key: int) -> float:
     return torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
 
 
-def kth_largest_key(key: torch.Tensor, valid: torch.Tensor, k: int, group=None) -> int:
-    """The k-th largest of `key[valid]` over the group (1 <= k <= global count), by bisection."""
+def kth_largest_key(key: torch.Tensor, valid: torch.Tensor, k: int, group=None, fanout: int = 255) -> int:
+    """The k-th largest of `key[valid]` over the group (1 <= k <= global count), exactly.
+
+    A `fanout + 1`-ary search: each round counts `key >= t` for `fanout` thresholds at once (one
+    all-reduce of a small vector), so 64-bit keys take 8 rounds instead of 64 scalar all-reduces.
+    """
+    local = key[valid].sort().values
     lo, hi = _I64_MIN, 2**63  # invariant: count(key >= lo) >= k > count(key >= hi)
     while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if _count(valid & (key >= mid), group) >= k:
-            lo = mid
-        else:
-            hi = mid
+        span = hi - lo
+        ts = sorted({lo + span * j // (fanout + 1) for j in range(1, fanout + 1)} - {lo})
+        t = torch.tensor(ts, dtype=torch.int64)
+        counts = _all_reduce_counts(local.numel() - torch.searchsorted(local, t, side="left"), group)
+        ok = (counts >= k).nonzero()  # counts are non-increasing in t
+        idx = int(ok[-1]) if len(ok) else -1
+        if idx >= 0:
+            lo = ts[idx]
+        hi = ts[idx + 1] if idx + 1 < len(ts) else hi
     return lo
 
 
@@ -72,7 +81,7 @@ def topk_mask(key: torch.Tensor, valid: torch.Tensor, k: int, tie_key: torch.Ten
     count to be exact); with `tie_key=None` every tied entry is kept (the count may exceed k).
     Returns (mask, threshold_key).
     """
-    n = _count(valid, group)
+    n = int(_all_reduce_counts(valid.sum(), group))
     k = min(k, n)
     if k <= 0:
         return torch.zeros_like(valid), None
@@ -81,8 +90,9 @@ def topk_mask(key: torch.Tensor, valid: torch.Tensor, k: int, tie_key: torch.Ten
     tied = valid & (key == thr)
     if tie_key is None:
         return above | tied, thr
-    need = k - _count(above, group)
-    if _count(tied, group) == need:
+    n_above, n_tied = _all_reduce_counts(torch.stack([above.sum(), tied.sum()]), group).tolist()
+    need = k - n_above
+    if n_tied == need:
         return above | tied, thr
     # the need-th smallest tie key == the need-th largest of its bitwise complement (~x = -x - 1)
     s = kth_largest_key(~tie_key, tied, need, group)
