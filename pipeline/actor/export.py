@@ -79,18 +79,28 @@ def _gather_tp(param: torch.Tensor, name: str) -> torch.Tensor:
     return tp_unshard(pieces, name, param.partition_dim, gated=True).contiguous()
 
 
-def export_hf_weights(actor_or_chunks, hf_config: dict, *, dtype: torch.dtype | None = None) -> Iterator:
-    """Yield `(hf_name, tensor)` for the whole model on global rank 0 (see the module docstring).
+def megatron_to_hf_stream(named: Iterable, hf_config: dict, *, te: bool = False, dtype=None) -> Iterator:
+    """`(global megatron name, full tensor)` pairs -> `(hf_name, tensor)` pairs, by the family's rules.
 
-    `actor_or_chunks`: a `MegatronActor` or this rank's model chunks (DDP/Float16Module wrapped or
-    not). Tensors are in the parameters' dtype unless `dtype` is given; they are fresh (safe to keep).
+    The one mapping step of every export: live weight sync (`export_hf_weights`) and the checkpoint
+    converter (`pipeline.conversion.read_torch_dist`) both feed it. Tied output layers are dropped.
     """
-    chunks = _chunks(actor_or_chunks)
+    mapping = get_mapping(hf_config["model_type"])
+    rules = {r.megatron: r for r in mapping.rules(hf_config, te=te)}
+    dims = Dims.of(hf_config)
+    for name, full in named:
+        rule = rules.get(name)
+        if rule is None:
+            raise KeyError(f"megatron tensor {name} has no HF mapping for {hf_config['model_type']!r}")
+        if rule.export:
+            for hf_name, tensor in rule.to_hf(full, dims):
+                yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _gather_live(chunks, rules) -> Iterator:
+    """Full Megatron tensors of the live model on global rank 0, in rule order (see module docstring)."""
     if ps.get_data_parallel_rank() != 0:
         return  # identical replica: rank 0's collectives never involve it
-    mapping = get_mapping(hf_config["model_type"])
-    rules = mapping.rules(hf_config, te=is_te_naming(chunks))
-    dims = Dims.of(hf_config)
     local = _local_params(chunks)
     pp_group, pp_size = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
     pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
@@ -115,10 +125,20 @@ def export_hf_weights(actor_or_chunks, hf_config: dict, *, dtype: torch.dtype | 
                 elif pp_rank == 0:
                     full = torch.empty(shape, dtype=param_dtype)
                     dist.recv(full, dist.get_global_rank(pp_group, stage), group=pp_group)
-        if not is_root:
-            continue
-        for hf_name, tensor in rule.to_hf(full, dims):
-            yield hf_name, tensor if dtype is None else tensor.to(dtype)
+        if is_root:
+            yield name, full
+
+
+def export_hf_weights(actor_or_chunks, hf_config: dict, *, dtype: torch.dtype | None = None) -> Iterator:
+    """Yield `(hf_name, tensor)` for the whole model on global rank 0 (see the module docstring).
+
+    `actor_or_chunks`: a `MegatronActor` or this rank's model chunks (DDP/Float16Module wrapped or
+    not). Tensors are in the parameters' dtype unless `dtype` is given; they are fresh (safe to keep).
+    """
+    chunks = _chunks(actor_or_chunks)
+    te = is_te_naming(chunks)
+    rules = get_mapping(hf_config["model_type"]).rules(hf_config, te=te)
+    yield from megatron_to_hf_stream(_gather_live(chunks, rules), hf_config, te=te, dtype=dtype)
 
 
 def bucketed(named: Iterable, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list]:

@@ -1,0 +1,469 @@
+"""HF safetensors <-> Megatron torch_dist checkpoints, one tensor at a time (the tools' engine).
+
+torch_dist stores every tensor with its global shape, layer tensors stacked on a leading layer axis
+(keys carry no layer index), so a checkpoint written here in one process loads at any TP/PP. The
+shard layout comes from a *one-layer* model of the same configuration (`Template`): its sharded state
+dict gives each key, TP split and `_extra_state` object; the other layers are the same entries at
+another layer offset. Saving hands torch.distributed.checkpoint meta tensors and computes each chunk
+only when the writer asks for it (`_LazyPlanner.resolve_data`), so peak memory is about one layer
+plus the largest tensor. Reading asks torch.distributed.checkpoint for one layer at a time.
+
+Directory written by `hf_to_torch_dist`:  metadata.json, common.pt, .metadata, __0_0.distcp, and
+``hf/`` (config.json, tokenizer and generation files) so the export back to HF needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from pipeline.actor.hf_mapping import get_mapping
+from pipeline.actor.hf_mapping.common import padded_vocab_size
+from pipeline.actor.hf_mapping.family import Dims, WeightsMismatch, check_hf_names
+
+HF_SUBDIR = "hf"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5)$|.*\.safetensors\.index\.json$")
+_LAYER0 = "decoder.layers.0."
+
+
+class ConversionError(RuntimeError):
+    """Bad input to a converter; the message says what and how to fix it."""
+
+
+# ---------------------------------------------------------------------- HF side
+
+
+class HFWeights(Mapping):
+    """Lazy `{name: tensor}` over a HF directory's safetensors, with shapes read from the headers.
+
+    Fails early on a missing shard file, or an index that names tensors a shard does not hold.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        files: dict[str, Path] = {}
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+            if missing:
+                raise ConversionError(f"{path}: shard file(s) {missing} listed in {index.name} are missing")
+            files = {k: path / f for k, f in weight_map.items()}
+        else:
+            for f in sorted(path.glob("*.safetensors")):
+                with safe_open(f, framework="pt") as h:
+                    files.update(dict.fromkeys(h.keys(), f))
+        if not files:
+            raise ConversionError(f"{path}: no *.safetensors weights found")
+        self._files, self._shapes = files, {}
+        by_file: dict[Path, list[str]] = {}
+        for k, f in files.items():
+            by_file.setdefault(f, []).append(k)
+        for f, names in by_file.items():
+            try:
+                with safe_open(f, framework="pt") as h:
+                    present = set(h.keys())
+                    for n in names:
+                        if n in present:
+                            self._shapes[n] = tuple(h.get_slice(n).get_shape())
+            except Exception as e:  # truncated or corrupt shard
+                raise ConversionError(f"{f}: cannot read this shard ({e}); is it complete?") from e
+            absent = sorted(set(names) - present)
+            if absent:
+                raise ConversionError(
+                    f"{f} lacks {len(absent)} tensor(s) the index assigns to it, e.g. {absent[:3]}: partial shard?"
+                )
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __getitem__(self, key):
+        with safe_open(self._files[key], framework="pt") as h:
+            return h.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self):
+        return len(self._files)
+
+
+def read_config(hf_dir: str | Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise ConversionError(f"{hf_dir}: no config.json")
+    return json.loads(path.read_text())
+
+
+def check_hf(hf: HFWeights, hf_config: dict) -> list:
+    """The mapping's rules for `hf_config` after checking names and shapes (no data read)."""
+    mapping = get_mapping(hf_config.get("model_type"))
+    rules = mapping.rules(hf_config)
+    check_hf_names(hf.keys(), rules, hf_config["model_type"])
+    for r in rules:
+        for name, shape in zip(r.hf, r.hf_shapes):
+            if shape is not None and hf.shape(name) != tuple(shape):
+                raise WeightsMismatch(
+                    f"{name}: config.json implies shape {tuple(shape)}, the weights have {hf.shape(name)}"
+                )
+    return rules
+
+
+def prepare_out_dir(out: str | Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise ConversionError(f"{out} exists and is not empty; pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def copy_hf_side_files(src: Path, dst: Path) -> list[str]:
+    """config.json, tokenizer and generation files: everything in `src` that is not weights."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not WEIGHT_FILES.match(f.name):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+# ---------------------------------------------------------------------- Megatron side
+
+
+def init_single_process() -> None:
+    """A one-process gloo group and megatron's parallel state at TP=PP=1, with the CPU patches."""
+    import socket
+
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    import megatron_patches
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    megatron_patches.apply(megatron_patches.CPU_PATCHES)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+
+
+class Template:
+    """Sharded-state-dict entries of one layer (and the non-layer tensors) for `hf_config`.
+
+    `entries(layer)` gives `(megatron_name, ShardedBase)` for layer `layer` (or, for None, the
+    embedding, final norm and output layer), each ShardedTensor's data a placeholder of `make(shape)`.
+    Needs `init_single_process()` first.
+    """
+
+    def __init__(self, hf_config: dict, *, padded_vocab: int, dtype: torch.dtype):
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+        from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+        from pipeline.actor.config import ActorConfig
+        from pipeline.actor.model import build_model
+
+        self.layers = hf_config["num_hidden_layers"]
+        small = dict(hf_config, num_hidden_layers=1, vocab_size=1)  # one layer, a 128-row vocab
+        model = build_model(small, ActorConfig(dtype="float32"))[0]
+        self._layer, self._other = [], []
+        for name, value in model.sharded_state_dict().items():
+            parts = value.build() if isinstance(value, ShardedTensorFactory) else value
+            for sh in extract_sharded_base(parts)[0] if isinstance(parts, dict | list) else [parts]:
+                if hasattr(sh, "global_shape") and sh.key in (
+                    "embedding.word_embeddings.weight",
+                    "output_layer.weight",
+                ):
+                    shape = (padded_vocab, *sh.global_shape[1:])
+                    sh = dataclasses.replace(
+                        sh, data=None, global_shape=shape, local_shape=shape, dtype=dtype
+                    )
+                elif hasattr(sh, "dtype"):
+                    sh = dataclasses.replace(sh, data=None, dtype=dtype)
+                (self._layer if name.startswith(_LAYER0) else self._other).append((name, sh))
+        del model
+
+    def entries(self, layer: int | None, make) -> list:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        out = []
+        if layer is None:
+            for name, sh in self._other:
+                out.append((name, sh if isinstance(sh, ShardedObject) else _with_data(sh, make)))
+            return out
+        n = self.layers
+        for name, sh in self._layer:
+            mname = f"decoder.layers.{layer}." + name[len(_LAYER0) :]
+            if isinstance(sh, ShardedObject):
+                out.append((mname, dataclasses.replace(sh, global_shape=(n,), global_offset=(layer,))))
+                continue
+            moved = dataclasses.replace(
+                sh,
+                data=None,
+                global_shape=(n, *sh.global_shape[1:]),
+                global_offset=(layer, *sh.global_offset[1:]),
+                axis_fragmentations=(n, *sh.axis_fragmentations[1:]),
+            )
+            out.append((mname, _with_data(moved, make)))
+        return out
+
+
+def _with_data(sh, make):
+    sh = dataclasses.replace(sh)
+    sh.data = make(sh.local_shape, sh.dtype)
+    return sh
+
+
+def _chunk_of(full: torch.Tensor, sh_offset, prepend: int, offsets, sizes) -> torch.Tensor:
+    """The part of the full Megatron tensor that a DCP write item covers."""
+    idx = tuple(slice(o, o + s) for o, s in zip(offsets[prepend:], sizes[prepend:]))
+    return full[idx].reshape(sizes).contiguous()
+
+
+def hf_to_torch_dist(
+    hf_dir, out_dir, *, tp: int = 1, dtype: str | None = None, progress: bool = True
+) -> dict:
+    """Write `hf_dir` as a torch_dist checkpoint in `out_dir` (which must be empty or new).
+
+    `tp` only sets the vocab padding (128 x tp, as the actor does); the embedding and output layer
+    tolerate another padding at load, so the checkpoint loads at any TP/PP. Returns a summary.
+    """
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from tqdm import tqdm
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_config = read_config(hf_dir)
+    hf = HFWeights(hf_dir)
+    rules = {r.megatron: r for r in check_hf(hf, hf_config)}
+    dims = Dims.of(hf_config)
+    padded = padded_vocab_size(dims.vocab, tp)
+    first = hf[next(iter(hf))]
+    target = DTYPES[dtype] if dtype else first.dtype
+    init_single_process()
+    template = Template(hf_config, padded_vocab=padded, dtype=target)
+
+    def meta(shape, dt):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    state, where = {}, {}
+    for layer in [None, *range(dims.layers)]:
+        for i, (name, sh) in enumerate(template.entries(layer, meta)):
+            state[f"{name}#{i}"] = sh  # fc1's gate and up halves share a name
+            if hasattr(sh, "global_offset") and hasattr(sh, "prepend_axis_num"):
+                if name not in rules:
+                    raise ConversionError(f"megatron parameter {name} has no HF mapping rule")
+                where[(sh.key, tuple(sh.global_offset))] = (name, sh.prepend_axis_num)
+    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(state, keep_only_main_replica=False)
+    pyt_state = mcore_to_pyt_state_dict(flat, False)
+    bar = tqdm(total=len(where), desc="HF -> torch_dist", unit="tensor", disable=not progress)
+    cache: dict = {}
+
+    class _LazyPlanner(MCoreSavePlanner):
+        def resolve_data(self, item):
+            key = (item.index.fqn, tuple(item.tensor_data.chunk.offsets)) if item.tensor_data else None
+            if key not in where:
+                return super().resolve_data(item)  # a ShardedObject's bytes
+            name, prepend = where[key]
+            if cache.get("name") != name:  # fc1's gate and up chunks share one computed tensor
+                rule = rules[name]
+                tensors = [hf[n] for n in rule.hf]
+                cache.clear()
+                cache.update(name=name, full=rule.to_megatron(tensors, dims, padded).to(target))
+                bar.update(1)
+            c = item.tensor_data.chunk
+            return _chunk_of(cache["full"], key[1], prepend, c.offsets, c.sizes)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dcp_save(
+        pyt_state,
+        storage_writer=FileSystemWriter(str(out_dir), thread_count=1),
+        planner=_LazyPlanner(flatten_state_dict=False),
+    )
+    bar.close()
+    cache.clear()
+    common = {
+        "content": "model",  # no optimizer, scheduler or RNG state
+        "hf_config": hf_config,
+        "extra": {"layout": {"tp": tp, "pp": 1, "dp": 1, "vpp": 1}, "step_count": 0, "controllers": {}},
+    }
+    torch.save(common, out_dir / "common.pt")
+    save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(out_dir))
+    copy_hf_side_files(hf_dir, out_dir / HF_SUBDIR)
+    return {"tensors": len(where), "padded_vocab": padded, "dtype": str(target)}
+
+
+def read_torch_dist(
+    ckpt_dir, hf_config: dict, *, progress: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(global megatron name, full tensor)` from a torch_dist checkpoint, reading one layer
+    at a time (converted checkpoints and the actor's own; optimizer entries are ignored).
+
+    Names use the checkpoint's canonical (Transformer Engine) spelling of the fused pre-norms, so
+    map them with `te=True`. Reads with torch.distributed.checkpoint directly (`_SlicePlanner`):
+    dist_checkpointing cannot ask for one layer of L in a one-process group.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    from tqdm import tqdm
+
+    reader = FileSystemReader(str(ckpt_dir))
+    md = reader.read_metadata().state_dict_metadata
+    known = {r.megatron for r in get_mapping(hf_config["model_type"]).rules(hf_config, te=True)}
+    layers = hf_config["num_hidden_layers"]
+    prefix = "decoder.layers."
+    stacked = sorted(k for k in md if k.startswith(prefix) and f"{prefix}0.{k[len(prefix) :]}" in known)
+    flat = [k for k in md if k in known]
+    groups = [[(k, None) for k in flat if k == "embedding.word_embeddings.weight"]]
+    groups += [[(k, layer) for k in stacked] for layer in range(layers)]
+    groups += [[(k, None) for k in flat if k != "embedding.word_embeddings.weight"]]
+    for group in tqdm(groups, desc="torch_dist -> HF", unit="layer", disable=not progress):
+        wanted = {}
+        for key, layer in group:
+            size, dtype = tuple(md[key].size), md[key].properties.dtype
+            if layer is None:
+                wanted[key] = ((0,) * len(size), torch.empty(size, dtype=dtype))
+            else:
+                if size[0] != layers:
+                    raise ConversionError(f"{key}: stored for {size[0]} layers, config.json says {layers}")
+                wanted[key] = ((layer,) + (0,) * (len(size) - 1), torch.empty((1, *size[1:]), dtype=dtype))
+        _load_state_dict({}, reader, no_dist=True, planner=_SlicePlanner(wanted))
+        for key, layer in group:
+            t = wanted[key][1]
+            yield (key, t) if layer is None else (f"{prefix}{layer}.{key[len(prefix) :]}", t[0])
+
+
+def _slice_planner_cls():
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class SlicePlanner(LoadPlanner):
+        """Reads chosen regions of stored tensors: {key: (global offsets, destination tensor)}."""
+
+        def __init__(self, wanted):
+            self.wanted = wanted
+
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+            self.metadata = metadata
+
+        def create_local_plan(self):
+            items = []
+            for key, (offsets, dest) in self.wanted.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+                items += create_read_items_for_chunk_list(
+                    key, self.metadata.state_dict_metadata[key], [chunk]
+                )
+            return LoadPlan(items)
+
+        def create_global_plan(self, global_plan):
+            return global_plan
+
+        def finish_plan(self, central_plan):
+            return central_plan
+
+        def load_bytes(self, read_item, value):
+            pass
+
+        def resolve_tensor(self, read_item):
+            dest = self.wanted[read_item.dest_index.fqn][1]
+            for dim, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, o, n)
+            return dest
+
+        def commit_tensor(self, read_item, tensor):
+            pass
+
+    return SlicePlanner
+
+
+def _SlicePlanner(wanted):  # noqa: N802 - a class built on first use (keeps torch.distributed imports lazy)
+    return _slice_planner_cls()(wanted)
+
+
+def stored_dtype(ckpt_dir) -> torch.dtype:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(ckpt_dir)).read_metadata()
+    for key, m in md.state_dict_metadata.items():
+        if key == "embedding.word_embeddings.weight":
+            return m.properties.dtype
+    return torch.float32
+
+
+def save_hf_shards(named: Iterator, out_dir: Path, *, shard_bytes: int) -> dict:
+    """Write `(hf_name, tensor)` as model-0000k-of-0000n.safetensors plus the index; returns stats."""
+    from safetensors.torch import save_file
+
+    from pipeline.actor.export import bucketed
+
+    paths, weight_map, total = [], {}, 0
+    for k, bucket in enumerate(bucketed(named, shard_bytes)):
+        tmp = out_dir / f"shard-{k:05d}.tmp"
+        save_file({n: t.contiguous() for n, t in bucket}, str(tmp), metadata={"format": "pt"})
+        paths.append((tmp, [n for n, _ in bucket]))
+        total += sum(t.numel() * t.element_size() for _, t in bucket)
+    n = len(paths)
+    for k, (tmp, names) in enumerate(paths):
+        final = f"model-{k + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+        os.replace(tmp, out_dir / final)
+        weight_map.update(dict.fromkeys(names, final))
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"shards": n, "tensors": len(weight_map), "bytes": total}
+
+
+def load_model_checkpoint(chunks, ckpt_dir) -> None:
+    """Load only the model part of a torch_dist checkpoint into `chunks` (any TP/PP/VPP layout),
+    with the same state-dict keys as `MegatronActor.load_checkpoint` ("model" or "model{i}")."""
+    from megatron.core import dist_checkpointing
+
+    from pipeline.actor.weights import unwrap
+
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    state = {n: unwrap(c).sharded_state_dict() for n, c in zip(names, chunks)}
+    loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    for n, c in zip(names, chunks):
+        unwrap(c).load_state_dict(loaded[n])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (ru_maxrss) in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cli_errors(fn):
+    """Run `fn()`; turn bad-input errors into one clear line on stderr and exit status 2."""
+    import sys
+
+    from pipeline.actor.hf_mapping import UnsupportedArchitecture
+
+    try:
+        return fn()
+    except (ConversionError, WeightsMismatch, UnsupportedArchitecture) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
