@@ -24,6 +24,7 @@ from pipeline.algorithms.losses import (
     get_method,
     policy_loss,
     prepare_loss,
+    row_quantile,
     token_covariance,
 )
 
@@ -49,5 +50,6 @@ __all__ = [
     "reinforce_plus_plus_advantages",
     "reinforce_plus_plus_baseline_advantages",
     "rloo_advantages",
+    "row_quantile",
     "token_covariance",
 ]

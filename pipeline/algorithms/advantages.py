@@ -41,10 +41,14 @@ def _check(rewards: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Te
 def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
     """Per-response group mean, unbiased std and size (size 1: mean 0, std 1 as in verl)."""
     n_groups = int(group.max()) + 1
-    size = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, torch.ones_like(rewards))
-    total = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, rewards)
+    size = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, group, torch.ones_like(rewards)
+    )
+    total = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, group, rewards)
     mean = total / size
-    sq = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, (rewards - mean[group]) ** 2)
+    sq = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, group, (rewards - mean[group]) ** 2
+    )
     std = torch.sqrt(sq / (size - 1).clamp(min=1))
     single = size == 1
     mean = torch.where(single, torch.zeros_like(mean), mean)
@@ -58,7 +62,7 @@ def grpo_advantages(rewards, group_ids, response_mask, norm_by_std: bool = True,
     `norm_by_std=False` is Dr.GRPO (arXiv 2503.20783): A_i = R_i - mean_g R.
     """
     rewards, mask = _check(rewards, response_mask)
-    mean, std, _ = _group_stats(rewards, _group_index(group_ids, rewards.numel()))
+    mean, std, _ = _group_stats(rewards, _group_index(group_ids, rewards.numel()).to(rewards.device))
     adv = rewards - mean
     if norm_by_std:
         adv = adv / (std + eps)
@@ -73,7 +77,7 @@ def dr_grpo_advantages(rewards, group_ids, response_mask):
 def rloo_advantages(rewards, group_ids, response_mask):
     """RLOO: A_i = R_i - mean_{j != i} R_j = G/(G-1) (R_i - mean_g R); group of 1 -> A = R."""
     rewards, mask = _check(rewards, response_mask)
-    mean, _, size = _group_stats(rewards, _group_index(group_ids, rewards.numel()))
+    mean, _, size = _group_stats(rewards, _group_index(group_ids, rewards.numel()).to(rewards.device))
     adv = torch.where(size > 1, (rewards - mean) * size / (size - 1).clamp(min=1), rewards)
     return adv[:, None] * mask
 
@@ -112,7 +116,7 @@ def reinforce_plus_plus_advantages(
 def reinforce_plus_plus_baseline_advantages(rewards, group_ids, response_mask):
     """REINFORCE++-baseline: R_i - mean_g R (group of 1 -> baseline 0), broadcast, whitened over the batch."""
     rewards, mask = _check(rewards, response_mask)
-    mean, _, _ = _group_stats(rewards, _group_index(group_ids, rewards.numel()))
+    mean, _, _ = _group_stats(rewards, _group_index(group_ids, rewards.numel()).to(rewards.device))
     adv = (rewards - mean)[:, None] * mask
     return masked_whiten(adv, mask) * mask
 

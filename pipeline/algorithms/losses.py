@@ -256,11 +256,22 @@ def _prepare_kl_cov(ctx: _Ctx):
     return {"penalty": penalty}, sums
 
 
+def row_quantile(values: Tensor, mask: Tensor, q: float) -> Tensor:
+    """Per-row q-quantile of the valid entries with linear interpolation, = `torch.nanquantile(dim=-1)`
+    with padding as NaN, but without its 16M-element input limit. Rows without valid entries: +inf."""
+    mask = mask.bool()
+    vals = torch.where(mask, values, torch.full_like(values, float("inf"))).sort(dim=-1).values
+    pos = q * (mask.sum(-1, keepdim=True) - 1).clamp(min=0).to(values.dtype)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    v_lo, v_hi = vals.gather(-1, lo), vals.gather(-1, hi)
+    return torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, pos - lo))
+
+
 def _prepare_archer(ctx: _Ctx):
     cfg, m = ctx.cfg, ctx.mask
-    h = torch.where(m, ctx.entropy, torch.full_like(ctx.entropy, float("nan")))
-    threshold = torch.nanquantile(h, cfg.archer_entropy_quantile, dim=-1, keepdim=True)  # per response
-    high = m & (h > threshold)  # NaN threshold (empty row) selects nothing
+    h = ctx.entropy
+    threshold = row_quantile(h, m, cfg.archer_entropy_quantile)  # per response, [B, 1]
+    high = m & (h > threshold)
     low = m & ~high
     dt = ctx.log_prob.dtype
     eps_high = torch.tensor(cfg.archer_clip_high_entropy, dtype=dt)
@@ -417,7 +428,7 @@ def prepare_loss(
     B, L = mask.shape
     if sample_ids is None:
         sample_ids = torch.arange(B, dtype=torch.int64)
-    sample_ids = torch.as_tensor(sample_ids).reshape(-1)
+    sample_ids = torch.as_tensor(sample_ids).reshape(-1).to(mask.device)
     if sample_ids.shape[0] != B or sample_ids.is_floating_point():
         raise ValueError(
             f"sample_ids must be [B] = [{B}] integers; got {tuple(sample_ids.shape)} {sample_ids.dtype}"
@@ -432,7 +443,7 @@ def prepare_loss(
     n_tok, n_seq = all_reduce_sums([mask.sum(), (mask.sum(-1) > 0).sum()], group)
     if n_tok == 0:
         raise ValueError("response_mask has no valid tokens" + (" on any rank of dp_group" if group else ""))
-    length_const = cfg.loss_scale_factor or all_reduce_max(float(L), group)
+    length_const = cfg.loss_scale_factor or all_reduce_max(float(L), group, device=mask.device)
     sums: dict[str, Tensor] = {}
 
     shaped = None

@@ -20,16 +20,21 @@ import torch.distributed as dist
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
+def _device(values) -> torch.device:
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 def all_reduce_sums(values: list[torch.Tensor | float], group=None, enabled: bool = True) -> list[float]:
-    """Sum each scalar over `group` (one all-reduce) and return Python floats."""
-    vec = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values])
+    """Sum each scalar over `group` (one all-reduce, on the inputs' device) and return Python floats."""
+    dev = _device(values)
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(()) for v in values])
     if enabled and group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
     return vec.tolist()
 
 
-def all_reduce_max(value: float, group=None, enabled: bool = True) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+def all_reduce_max(value: float, group=None, enabled: bool = True, device=None) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     if enabled and group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item()
@@ -64,7 +69,7 @@ def kth_largest_key(key: torch.Tensor, valid: torch.Tensor, k: int, group=None, 
     while hi - lo > 1:
         span = hi - lo
         ts = sorted({lo + span * j // (fanout + 1) for j in range(1, fanout + 1)} - {lo})
-        t = torch.tensor(ts, dtype=torch.int64)
+        t = torch.tensor(ts, dtype=torch.int64, device=key.device)
         counts = _all_reduce_counts(local.numel() - torch.searchsorted(local, t, side="left"), group)
         ok = (counts >= k).nonzero()  # counts are non-increasing in t
         idx = int(ok[-1]) if len(ok) else -1
@@ -125,7 +130,7 @@ def splitmix64_int(x: int) -> int:
 
 def token_ids(sample_ids: torch.Tensor, length: int) -> torch.Tensor:
     """Unique int64 id per token: sample_id * 2^32 + position (position = column index)."""
-    pos = torch.arange(length, dtype=torch.int64)
+    pos = torch.arange(length, dtype=torch.int64, device=sample_ids.device)
     return (sample_ids.to(torch.int64)[:, None] << 32) | pos[None, :]
 
 

@@ -159,3 +159,16 @@ def test_bad_advantage_inputs_are_rejected():
         grpo_advantages(torch.tensor([1.0, 0.0], dtype=D), [0, 0, 1], torch.ones(2, 1))
     with pytest.raises(ValueError, match="one scalar per response"):
         grpo_advantages(torch.ones(2, 3, dtype=D), [0, 0], torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["ppo", "clip_cov", "kl_cov", "archer", "cispo"])
+def test_low_precision_inputs_give_a_finite_loss_of_their_dtype(batch, dtype, method):
+    cfg = LossConfig(method=method, top_entropy_ratio=0.5, entropy_coef=0.01, kl_coef=0.1, clip_cov_lb=0.05)
+    lp = batch["log_prob"].to(dtype).requires_grad_(True)
+    low = {k: batch[k].to(dtype) for k in ("old_log_prob", "advantages", "entropy", "ref_log_prob")}
+    loss, m = policy_loss(cfg, lp, low["old_log_prob"], low["advantages"], batch["response_mask"],
+                          entropy=low["entropy"], ref_log_prob=low["ref_log_prob"])  # fmt: skip
+    loss.backward()
+    assert loss.dtype == dtype and torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+    assert 0 < m["top_entropy/selected_frac"] <= 1

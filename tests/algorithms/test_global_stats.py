@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.algorithms import LossConfig, policy_loss, prepare_loss
+from pipeline.algorithms import LossConfig, measure_entropy, policy_loss, prepare_loss
 from tests.algorithms.common import CONTRACT_CONFIGS, D, make_batch, reference, split_loss
 from tests.distributed import run_distributed
 
@@ -75,6 +75,9 @@ def _contract_worker(rank: int, world: int, names: list[str]):
             if not key.endswith("_sum"):
                 assert metrics[key] == pytest.approx(value, abs=1e-9), (name, key)
         out[name] = summed[0].item()
+    # Skywork's controller measurement: global -mean log pi_old, not rank 0's shard
+    e = measure_entropy(batch["old_log_prob"][rows], batch["response_mask"][rows], dist.group.WORLD)
+    assert e == pytest.approx(measure_entropy(batch["old_log_prob"], batch["response_mask"]), abs=1e-12)
     # no communication with global_stats=False even when a group is passed
     cfg = LossConfig(method="kl_cov", kl_cov_ratio=0.15, global_stats=False)
     sub = {k: v[rows] for k, v in batch.items()}

@@ -13,6 +13,7 @@ from pipeline.algorithms import (
     apply_loss,
     policy_loss,
     prepare_loss,
+    row_quantile,
     token_covariance,
 )
 from tests.algorithms.common import D, make_batch
@@ -144,12 +145,10 @@ def test_clip_cov_without_candidates_equals_ppo_clip():
         loss, m = policy_loss(cfg, *args)
         assert m["clip_cov/candidates"] == 0 and loss.item() == ppo.item()
     same_adv = b["advantages"].clone()
-    same_adv[b["response_mask"].bool()] = 0.7  # all advantages equal -> Cov = 0 everywhere
-    loss, m = policy_loss(
-        LossConfig(method="clip_cov", clip_cov_lb=-1.0), args[0], args[1], same_adv, args[3]
-    )
+    same_adv[b["response_mask"].bool()] = 0.7  # all advantages equal -> Cov = 0 everywhere, none in (1, 5)
+    loss, m = policy_loss(LossConfig(method="clip_cov"), args[0], args[1], same_adv, args[3])
     want, _ = policy_loss(LossConfig(clip_ratio_c=None), args[0], args[1], same_adv, args[3])
-    assert m["clip_cov/candidates"] > 0 or loss.item() == want.item()
+    assert m["clip_cov/candidates"] == 0 and m["clip_cov/selected"] == 0 and loss.item() == want.item()
 
 
 def test_clip_cov_excludes_tokens_already_clipped_by_ppo():
@@ -390,6 +389,19 @@ def test_archer_clip_range_follows_each_tokens_entropy_group():
     assert loss == pytest.approx((-4 - 1.4) / 5) and g == pytest.approx(-1.4 / 5)
     loss, g, _ = _archer([2.0, 0.2, 0.3, 0.4, 0.1])  # same token low-entropy: clipped at 1.2
     assert loss == pytest.approx((-4 - 1.2) / 5) and g == 0.0
+
+
+def test_row_quantile_equals_nanquantile_on_valid_tokens():
+    g = torch.Generator().manual_seed(0)
+    x = torch.round(torch.rand(50, 9, generator=g, dtype=D) * 6) / 2  # ties
+    mask = torch.rand(50, 9, generator=g) > 0.3
+    mask[0] = False
+    mask[1] = False
+    mask[1, 4] = True
+    for q in (0.0, 0.2, 0.8, 0.95, 1.0):
+        got = row_quantile(x, mask, q)[:, 0]
+        want = torch.nanquantile(torch.where(mask, x, float("nan")), q, dim=-1)
+        assert got[0] == float("inf") and torch.equal(got[1:], want[1:])
 
 
 def test_archer_kl_weights_are_subset_means_over_valid_tokens_only():
