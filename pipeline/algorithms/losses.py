@@ -417,7 +417,8 @@ def prepare_loss(
 ) -> LossPlan:
     """Compute the plan of one mini-batch (this rank's rows); collective over `dp_group` if global_stats.
 
-    Every rank of `dp_group` must call this together (same cfg, step). `sample_ids` ([B] ints, unique
+    Every rank of `dp_group` must call this together, with the same cfg and step and the same optional
+    inputs given (entropy, ref_log_prob): the metric sums are reduced as one vector. `sample_ids` ([B] ints, unique
     in the mini-batch) make Clip-Cov's pick and tie-breaks independent of the split; None = the row
     index, which is split-invariant only if rows keep their global index (single process).
     `entropy_coef` overrides `cfg.entropy_coef` (pass the adaptive controller's alpha here).
@@ -476,12 +477,9 @@ def prepare_loss(
     kl_weight = None
     if cfg.kl_coef > 0:
         kl_weight = cfg.kl_coef * weight
-    if "archer_kl_weight" in fields:
-        extra = fields.pop("archer_kl_weight")
-        if bool((extra != 0).any()) or kl_weight is not None:
-            kl_weight = extra if kl_weight is None else kl_weight + extra
-        elif _archer_needs_ref(cfg):
-            kl_weight = extra  # the coefficients are > 0 but this rank has no tokens of that subset
+    archer_kl = fields.pop("archer_kl_weight", None)
+    if archer_kl is not None and _archer_needs_ref(cfg):
+        kl_weight = archer_kl if kl_weight is None else kl_weight + archer_kl
 
     plan = LossPlan(mask=mask, weight=weight, pg_weight=pg_weight, kl_weight=kl_weight, advantages=shaped,
                     entropy_coef=coef, **fields)  # fmt: skip

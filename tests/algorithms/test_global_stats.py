@@ -34,6 +34,17 @@ def test_micro_batch_split_equals_whole_batch(name):
     assert ref_lp.abs().sum() > 0
 
 
+def test_plan_rows_accepts_slices_and_bool_masks():
+    cfg = CONTRACT_CONFIGS["clip_cov_top_entropy_shaped"]
+    batch = make_batch(1)
+    ref_loss, ref_lp, ref_ent, _ = reference(cfg, batch)
+    B = batch["log_prob"].shape[0]
+    first = torch.arange(B) < 5
+    for micro in ([slice(0, 5), slice(5, B)], [first, ~first]):
+        got = split_loss(cfg, batch, torch.arange(B), micro)
+        _assert_same(got[:3], (ref_loss, ref_lp, ref_ent), str(micro))
+
+
 def test_selections_are_not_trivial_on_the_contract_batch():
     """Guard: the contract batch really exercises Clip-Cov picks, KL-Cov ties, top-entropy ties, Archer."""
     batch = make_batch(1)
