@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 if ! command -v git >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git
 fi
+# Slurm launch tests (tests/slurm): a local Slurm, munge and shellcheck from Debian.
+if ! command -v sbatch >/dev/null || [ ! -x /usr/sbin/munged ] || ! command -v shellcheck >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge shellcheck
+fi
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
