@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
@@ -298,7 +297,7 @@ def hf_to_torch_dist(
     out_dir.mkdir(parents=True, exist_ok=True)
     dcp_save(
         pyt_state,
-        storage_writer=FileSystemWriter(str(out_dir), thread_count=1),
+        storage_writer=FileSystemWriter(str(out_dir), thread_count=1, single_file_per_rank=False),
         planner=_LazyPlanner(flatten_state_dict=False),
     )
     bar.close()
@@ -330,7 +329,10 @@ def read_torch_dist(
 
     reader = FileSystemReader(str(ckpt_dir))
     md = reader.read_metadata().state_dict_metadata
-    known = {r.megatron for r in get_mapping(hf_config["model_type"]).rules(hf_config, te=True)}
+    rank = {
+        r.megatron: i for i, r in enumerate(get_mapping(hf_config["model_type"]).rules(hf_config, te=True))
+    }
+    known = set(rank)
     layers = hf_config["num_hidden_layers"]
     prefix = "decoder.layers."
     stacked = sorted(k for k in md if k.startswith(prefix) and f"{prefix}0.{k[len(prefix) :]}" in known)
@@ -349,9 +351,13 @@ def read_torch_dist(
                     raise ConversionError(f"{key}: stored for {size[0]} layers, config.json says {layers}")
                 wanted[key] = ((layer,) + (0,) * (len(size) - 1), torch.empty((1, *size[1:]), dtype=dtype))
         _load_state_dict({}, reader, no_dist=True, planner=_SlicePlanner(wanted))
-        for key, layer in group:
-            t = wanted[key][1]
-            yield (key, t) if layer is None else (f"{prefix}{layer}.{key[len(prefix) :]}", t[0])
+        named = [
+            (key, wanted[key][1])
+            if layer is None
+            else (f"{prefix}{layer}.{key[len(prefix) :]}", wanted[key][1][0])
+            for key, layer in group
+        ]
+        yield from sorted(named, key=lambda kv: rank[kv[0]])  # the rule table's order
 
 
 def _slice_planner_cls():
@@ -412,23 +418,59 @@ def stored_dtype(ckpt_dir) -> torch.dtype:
     return torch.float32
 
 
-def save_hf_shards(named: Iterator, out_dir: Path, *, shard_bytes: int) -> dict:
-    """Write `(hf_name, tensor)` as model-0000k-of-0000n.safetensors plus the index; returns stats."""
-    from safetensors.torch import save_file
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
-    from pipeline.actor.export import bucketed
 
-    paths, weight_map, total = [], {}, 0
-    for k, bucket in enumerate(bucketed(named, shard_bytes)):
-        tmp = out_dir / f"shard-{k:05d}.tmp"
-        save_file({n: t.contiguous() for n, t in bucket}, str(tmp), metadata={"format": "pt"})
-        paths.append((tmp, [n for n, _ in bucket]))
-        total += sum(t.numel() * t.element_size() for _, t in bucket)
-    n = len(paths)
-    for k, (tmp, names) in enumerate(paths):
-        final = f"model-{k + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-        os.replace(tmp, out_dir / final)
-        weight_map.update(dict.fromkeys(names, final))
+def hf_layout(hf_config: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Every exported HF tensor's name and shape, in export order, from config.json alone."""
+    rules = get_mapping(hf_config["model_type"]).rules(hf_config)
+    return [(n, tuple(shape)) for r in rules if r.export for n, shape in zip(r.hf, r.hf_shapes)]
+
+
+def save_hf_shards(named: Iterator, out_dir: Path, *, layout, dtype: torch.dtype, shard_bytes: int) -> dict:
+    """Stream `(hf_name, tensor)` into model-0000k-of-0000n.safetensors (+ index) without holding a shard.
+
+    The shapes are known from config.json (`layout`, in the order `named` yields), so each shard's
+    safetensors header is written first and tensors are appended as they arrive: memory is one tensor.
+    """
+    size = torch.tensor([], dtype=dtype).element_size()
+    shards, cur, cur_bytes = [], [], 0
+    for name, shape in layout:
+        nbytes = torch.Size(shape).numel() * size
+        if cur and cur_bytes + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append((name, shape, nbytes))
+        cur_bytes += nbytes
+    shards.append(cur)
+    n = len(shards)
+    files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for k in range(n)]
+    it = iter(named)
+    weight_map, total = {}, 0
+    for fname, shard in zip(files, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, nbytes in shard:
+            header[name] = {
+                "dtype": _ST_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out_dir / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name, shape, _ in shard:
+                got, tensor = next(it)
+                if got != name or tuple(tensor.shape) != shape:
+                    raise ConversionError(
+                        f"export order/shape mismatch: expected {name} {shape}, got {got} {tuple(tensor.shape)}"
+                    )
+                f.write(memoryview(tensor.to(dtype).contiguous().view(torch.uint8).numpy()))  # no copy
+                weight_map[name] = fname
+                total += tensor.numel() * size
+    if next(it, None) is not None:
+        raise ConversionError("the checkpoint holds more tensors than config.json implies")
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

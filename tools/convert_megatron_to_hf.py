@@ -54,7 +54,13 @@ def main() -> None:
         named = megatron_to_hf_stream(
             cv.read_torch_dist(args.ckpt_dir, hf_config, progress=not args.no_progress), hf_config, te=True
         )
-        stats = cv.save_hf_shards(named, out, shard_bytes=args.shard_size_mb * 1024**2)
+        stats = cv.save_hf_shards(
+            named,
+            out,
+            layout=cv.hf_layout(hf_config),
+            dtype=cv.stored_dtype(args.ckpt_dir),
+            shard_bytes=args.shard_size_mb * 1024**2,
+        )
         cv.copy_hf_side_files(side, out)
         dtype = str(cv.stored_dtype(args.ckpt_dir)).removeprefix("torch.")
         config = json.loads((out / "config.json").read_text())

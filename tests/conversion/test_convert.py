@@ -30,7 +30,7 @@ def _convert_all(dirs: dict, root: Path) -> dict:
         "    cv.hf_to_torch_dist(hf_dir, ckpt, tp=2, progress=False)\n"
         "    cfg = cv.read_config(hf_dir); back.mkdir()\n"
         "    cv.save_hf_shards(megatron_to_hf_stream(cv.read_torch_dist(ckpt, cfg, progress=False), cfg, te=True),\n"
-        "                      back, shard_bytes=100_000)\n"
+        "                      back, layout=cv.hf_layout(cfg), dtype=cv.stored_dtype(ckpt), shard_bytes=100_000)\n"
         "    cv.copy_hf_side_files(ckpt / 'hf', back)\n"
     )
     out = subprocess.run(
