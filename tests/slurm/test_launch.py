@@ -306,3 +306,55 @@ def test_loopback_interface_fails_the_job_loudly(slurm_cluster, tmp_path):
     out = (tmp_path / "run" / "slurm" / f"slurm-{job_id}.out").read_text()
     assert end["JobState"] == "FAILED", out
     assert "loopback address 127.0.0.1" in out and "FATAL" in out
+
+
+DEMO = REPO / "configs" / "demo_cpu.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not DEMO.exists(), reason="configs/demo_cpu.yaml (the CPU demo recipe) does not exist yet"
+)
+def test_real_rl_job_runs_on_the_slurm_ray_cluster(slurm_cluster, tmp_path):
+    """`python -m pipeline train` itself, the demo recipe for 2 steps, through the launcher on one node."""
+    run_dir = tmp_path / "run"
+    base = port_block(2200)
+    r = slurm_cluster.run(
+        *[
+            sys.executable,
+            "-m",
+            "pipeline",
+            "submit",
+            "--config",
+            str(DEMO),
+            "--nodes",
+            "1",
+            "--time",
+            "20:00",
+        ],
+        *["--signal-seconds", "120", "--node-ip", "127.0.0.1", "--ray-port", str(base + 2100)],
+        *[
+            "--port-base",
+            str(base),
+            "--wait-seconds",
+            "120",
+            "--env",
+            f"RAY_TMP_BASE={slurm_cluster.ray_tmp}",
+        ],
+        *[
+            "trainer.steps=2",
+            "trainer.checkpoint_every=1",
+            "trainer.eval_every=0",
+            f"trainer.run_dir={run_dir}",
+        ],
+        cwd=REPO,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.split()[0]
+    end = slurm_cluster.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
+    out = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
+    assert end["JobState"] == "COMPLETED", out
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2
+    assert checkpoint.latest_complete(run_dir / "checkpoints")[0] == 2
