@@ -23,6 +23,7 @@ setup(
         "ray",  # orchestration: placement groups, actor and rollout groups
         "tensorboard",  # metrics
         "matplotlib",  # plots of entropy and reward curves
+        "aiohttp",  # async client of the SGLang servers and sglang-router (pipeline/rollout)
     ],
     extras_require={
         # Everything the CPU test suite needs. Never Transformer Engine, apex or flash-attn:

@@ -31,3 +31,5 @@ if bad:
 import torch
 assert torch.__version__.startswith("2.13.0") and not torch.version.cuda, torch.__version__
 PY
+# SGLang servers for the rollout tests, in their own venv (.venv/sglang-server; see the script).
+bash tools/setup_sglang.sh
