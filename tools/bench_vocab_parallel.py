@@ -1,0 +1,674 @@
+"""Side-by-side benchmark of vocab-parallel log-prob (+ entropy) implementations, TP over gloo on CPU.
+
+    .venv/bin/python tools/bench_vocab_parallel.py                 # 4096 tokens x 32768 vocab, TP=2, fp32+bf16
+    .venv/bin/python tools/bench_vocab_parallel.py --quick         # small smoke shape, a few seconds
+
+Adapters (one contract: ``fn(logits_shard, target, group) -> (logprob, entropy | None)``, differentiable
+w.r.t. the shard; see ``ADAPTERS``):
+
+- ``ours``: ``pipeline.ops.vocab_parallel_logprob_entropy`` (log-prob + entropy).
+- ``megatron_ce+clone``: megatron-core ``vocab_parallel_cross_entropy`` (log-prob = -CE) on a clone made
+  inside the measured call: what a caller that still needs its logits (e.g. for entropy, as verl does)
+  pays. fp32 only: on bf16 input megatron upcasts to a new buffer and leaves the input intact.
+- ``megatron_ce``: the same, in place on the caller's tensor (fp32 input is destroyed; the harness makes a
+  fresh copy *outside* the measured call for every run).
+- ``naive``: all-gather the shards, float32 ``log_softmax``, gather the target, entropy = -(p * logp).sum;
+  backward through autograd.
+
+Per adapter and input dtype it measures, on every rank (reported: max over ranks):
+
+- time: forward under ``no_grad`` and forward+backward (random per-token upstream gradients for log-prob
+  and entropy, i.e. the RL case), median/p10/p90 over ``--repeats`` runs after 2 warm-ups, a barrier before
+  each run, adapters interleaved run by run so that load changes hit all of them alike;
+- peak extra memory beyond the inputs: max of the running sum of the profiler's ``[memory]`` allocation
+  events inside the measured call (validated on a known allocation at start-up);
+- bytes saved for backward (``saved_tensors_hooks``, deduplicated by storage; storages of the inputs are
+  reported separately as aliases);
+- collectives issued in forward and in backward (``torch.distributed`` functions wrapped);
+- max abs error of log-prob, entropy and the gradient against a float64 reference built from the
+  gathered logits (the same bf16/fp32 values).
+
+Prints a Markdown table and PASS/FAIL lines for the targets of docs/vocab-parallel.md (see ``TARGETS``), and
+writes one JSON line per (adapter, dtype) to ``--out``. CPU timings say nothing about GPU kernels; the
+memory, saved-bytes and collective numbers are device-independent. ``--device cuda`` is reserved for a GPU
+adapter set (a later issue): an adapter declares the devices it supports, and the device-specific parts of
+the harness (peak memory, timing sync) are the ``_DeviceOps`` of that device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WARMUP = 2
+
+
+# ------------------------------------------------------------------------------------------------------
+# Adapters
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One implementation under test.
+
+    fn(logits_shard, target, group) -> (logprob [N] fp32, entropy [N] or None), differentiable w.r.t.
+    ``logits_shard``. ``destroys_input``: the harness hands it a fresh copy (made outside the measured
+    call) every time. ``dtypes``: input dtypes it is run on (others are skipped with ``skip_reason``).
+    """
+
+    name: str
+    fn: Callable
+    entropy: bool
+    devices: tuple[str, ...] = ("cpu",)
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    destroys_input: dict = field(default_factory=dict)  # dtype name -> bool
+    skip_reason: str = ""
+    note: str = ""
+
+
+def _ours(logits, target, group):
+    from pipeline.ops import vocab_parallel_logprob_entropy
+
+    out = vocab_parallel_logprob_entropy(logits, target, tp_group=group)
+    return out.logprob, out.entropy
+
+
+def _megatron(logits, target, group):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return -vocab_parallel_cross_entropy(logits, target), None
+
+
+def _megatron_clone(logits, target, group):
+    return _megatron(logits.clone(), target, group)
+
+
+class _GatherVocab(torch.autograd.Function):
+    """All-gather the vocab shards into [N, V]; backward keeps this rank's slice (no communication:
+    every rank computes the same loss on the same gathered logits)."""
+
+    @staticmethod
+    def forward(ctx, shard, group):
+        t = dist.get_world_size(group)
+        ctx.rank, ctx.v_local = dist.get_rank(group), shard.shape[-1]
+        out = torch.empty((t * shard.shape[0], shard.shape[1]), dtype=shard.dtype, device=shard.device)
+        dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+        return torch.cat(out.chunk(t, dim=0), dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lo = ctx.rank * ctx.v_local
+        return grad[:, lo : lo + ctx.v_local], None
+
+
+def _naive(logits, target, group):
+    full = _GatherVocab.apply(logits, group).float()
+    logp_all = torch.log_softmax(full, dim=-1)
+    logp = logp_all.gather(-1, target[:, None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a
+    for a in [
+        Adapter("ours", _ours, entropy=True, note="logp + entropy"),
+        Adapter(
+            "megatron_ce+clone",
+            _megatron_clone,
+            entropy=False,
+            dtypes=("fp32",),
+            skip_reason="bf16 input is upcast to a new buffer and left intact: no clone needed",
+            note="logp only; clone inside the call",
+        ),
+        Adapter(
+            "megatron_ce",
+            _megatron,
+            entropy=False,
+            destroys_input={"fp32": True},
+            note="logp only; fp32: in place, input destroyed",
+        ),
+        Adapter("naive", _naive, entropy=True, note="all-gather + fp32 log_softmax"),
+    ]
+}
+
+# (dtype, measured quantity, ours vs adapter, bound). The megatron row a caller that needs entropy can
+# use: with fp32 input it must clone (megatron destroys the input), with bf16 it need not.
+TARGETS = [
+    ("bf16", "peak_fwdbwd", "megatron_ce", 0.5),
+    ("bf16", "peak_fwdbwd", "naive", 0.2),
+    ("bf16", "time_fwdbwd", "megatron_ce", 1.25),
+    ("fp32", "peak_fwdbwd", "megatron_ce+clone", 1.0),
+    ("fp32", "peak_fwdbwd", "naive", 0.2),
+    ("fp32", "time_fwdbwd", "megatron_ce+clone", 1.25),
+]
+# Shown next to the targets, not gated: the in-place megatron row (fp32 input destroyed).
+INFO_TARGETS = [
+    ("fp32", "peak_fwdbwd", "megatron_ce"),
+    ("fp32", "time_fwdbwd", "megatron_ce"),
+]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Instrumentation
+
+
+class _Collectives:
+    """Counts torch.distributed collectives (calls and bytes) while ``phase`` is set."""
+
+    NAMES = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "_all_gather_base",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "_reduce_scatter_base",
+    )
+
+    def __init__(self):
+        self.phase = None
+        self.calls = {"fwd": 0, "bwd": 0}
+        self.bytes = {"fwd": 0, "bwd": 0}
+        for name in self.NAMES:
+            orig = getattr(dist, name, None)
+            if orig is not None:
+                setattr(dist, name, self._wrap(orig))
+
+    def _wrap(self, orig):
+        def wrapped(*args, **kwargs):
+            if self.phase is not None:
+                self.calls[self.phase] += 1
+                self.bytes[self.phase] += sum(
+                    t.numel() * t.element_size()
+                    for a in args
+                    for t in (a if isinstance(a, list | tuple) else [a])
+                    if isinstance(t, torch.Tensor)
+                )
+            return orig(*args, **kwargs)
+
+        wrapped.__wrapped__ = orig
+        return wrapped
+
+    def reset(self):
+        self.calls = {"fwd": 0, "bwd": 0}
+        self.bytes = {"fwd": 0, "bwd": 0}
+
+    @contextlib.contextmanager
+    def counting(self, phase):
+        self.phase = phase
+        try:
+            yield
+        finally:
+            self.phase = None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto prints two log lines per profiler session on fd 2; hide them from the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _CpuOps:
+    """Device-specific parts of the harness (a CUDA version would use max_memory_allocated and events)."""
+
+    @staticmethod
+    def peak_extra(fn):
+        """(result, peak bytes allocated inside fn beyond what existed before it)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]"
+        )
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        return result, peak
+
+    @staticmethod
+    def sync():
+        pass
+
+
+DEVICE_OPS = {"cpu": _CpuOps}
+
+
+def _validate_memory_probe(ops):
+    """The peak of a known allocation pattern must come out exactly: 4 MB kept + 8 MB freed -> 12 MB."""
+
+    def known():
+        a = torch.empty(1 << 20, dtype=torch.float32)
+        b = torch.empty(1 << 21, dtype=torch.float32)
+        del b
+        c = torch.empty(1 << 19, dtype=torch.float32)
+        del c
+        return a
+
+    _, peak = ops.peak_extra(known)
+    if peak != 12 << 20:
+        raise RuntimeError(f"memory probe check failed: expected {12 << 20} bytes, measured {peak}")
+    return peak
+
+
+def _saved_tensors(inputs):
+    """Context manager + record of the storages saved for backward: (new bytes, input-alias bytes)."""
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
+    seen: dict[int, tuple[int, bool]] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen.setdefault(s.data_ptr(), (s.nbytes(), s.data_ptr() in input_ptrs))
+        return t
+
+    ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    return ctx, seen
+
+
+# ------------------------------------------------------------------------------------------------------
+# One rank
+
+
+def _make_inputs(n, v_local, rank, dtype, seed):
+    """This rank's shard (logits ~ 2 * N(0, 1)), global targets and upstream gradients (same on all ranks)."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    logits = (torch.randn(n, v_local, generator=g) * 2.0).to(dtype)
+    g_all = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, v_local * dist.get_world_size(), (n,), generator=g_all)
+    g_logp = torch.randn(n, generator=g_all)
+    g_ent = torch.randn(n, generator=g_all)
+    return logits, target, g_logp, g_ent
+
+
+def _reference(logits, target, group, rows=256):
+    """float64 (lse, logp, entropy) per token from the gathered logits (the very bf16/fp32 values)."""
+    n, v_local = logits.shape
+    t = dist.get_world_size(group)
+    lse, logp, ent = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        parts = [torch.empty(hi - lo, v_local, dtype=torch.float64) for _ in range(t)]
+        dist.all_gather(parts, logits[lo:hi].double().contiguous(), group=group)
+        z = torch.cat(parts, dim=-1)
+        lse_c = torch.logsumexp(z, dim=-1)
+        p = torch.exp(z - lse_c[:, None])
+        lse[lo:hi] = lse_c
+        logp[lo:hi] = z.gather(1, target[lo:hi, None]).squeeze(1) - lse_c
+        ent[lo:hi] = lse_c - (p * z).sum(-1)
+    return lse, logp, ent
+
+
+def _grad_error(grad, logits, target, ref, g_logp, g_ent, rank, rows=256):
+    """max |grad - ref| and max |ref| over this shard; ref = g_l (1[y] - p) - g_H p (log p + H)."""
+    lse, _, ent = ref
+    n, v_local = logits.shape
+    err = scale = 0.0
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        logp_all = logits[lo:hi].double() - lse[lo:hi, None]
+        p = logp_all.exp()
+        r = -g_logp[lo:hi, None].double() * p
+        if g_ent is not None:
+            r -= g_ent[lo:hi, None].double() * p * (logp_all + ent[lo:hi, None])
+        local = target[lo:hi] - rank * v_local
+        hit = ((local >= 0) & (local < v_local)).nonzero().squeeze(1)
+        r[hit, local[hit]] += g_logp[lo:hi][hit].double()
+        err = max(err, (grad[lo:hi].double() - r).abs().max().item())
+        scale = max(scale, r.abs().max().item())
+    return err, scale
+
+
+def _call(adapter, x, target, group, g_logp, g_ent, backward, coll=None, saved_ctx=None):
+    """One measured call: forward (+ backward with per-token upstream gradients); returns
+    ((logp, entropy), grad). With ``coll``/``saved_ctx``, collectives are counted per phase and the
+    tensors saved for backward recorded."""
+    null = contextlib.nullcontext
+    if not backward:
+        with torch.no_grad(), coll.counting("fwd") if coll else null():
+            return adapter.fn(x, target, group), None
+    with coll.counting("fwd") if coll else null(), saved_ctx or null():
+        logp, ent = adapter.fn(x, target, group)
+    outs, grads = [logp], [g_logp]
+    if adapter.entropy:
+        outs.append(ent)
+        grads.append(g_ent)
+    with coll.counting("bwd") if coll else null():
+        (grad,) = torch.autograd.grad(outs, [x], grads)
+    return (logp, ent), grad
+
+
+def _instrumented(a, dname, logits, target, g_logp, g_ent, ref, group, coll, ops, rank):
+    """Peak memory (fwd, fwd+bwd), saved bytes, collectives and errors of one adapter on this rank."""
+    n = logits.shape[0]
+    r = {}
+    for backward in (False, True):
+        x = _fresh(a, dname, logits, backward)
+        dist.barrier()
+        coll.reset()
+        saved_ctx, saved = _saved_tensors([x, logits, target])
+        (out, grad), peak = ops.peak_extra(
+            lambda x=x, backward=backward, saved_ctx=saved_ctx: _call(
+                a, x, target, group, g_logp, g_ent, backward, coll, saved_ctx
+            )
+        )
+        r["peak_fwdbwd" if backward else "peak_fwd"] = peak
+        if not backward:
+            continue
+        r["saved_new_bytes"] = sum(b for b, alias in saved.values() if not alias)
+        r["saved_alias_bytes"] = sum(b for b, alias in saved.values() if alias)
+        r["coll_fwd"], r["coll_bwd"] = coll.calls["fwd"], coll.calls["bwd"]
+        r["coll_fwd_bytes_per_token"] = coll.bytes["fwd"] / n
+        r["coll_bwd_bytes_per_token"] = coll.bytes["bwd"] / n
+        logp, ent = out
+        r["err_logp"] = (logp.detach().double() - ref[1]).abs().max().item()
+        r["err_entropy"] = (ent.detach().double() - ref[2]).abs().max().item() if ent is not None else None
+        gerr, gscale = _grad_error(grad, logits, target, ref, g_logp, g_ent if a.entropy else None, rank)
+        r["err_grad"], r["grad_max_abs"] = gerr, gscale
+        r["grad_dtype"] = str(grad.dtype).replace("torch.", "")
+    return r
+
+
+def _fresh(adapter, dname, logits, backward):
+    x = logits.clone() if adapter.destroys_input.get(dname, False) else logits.detach()
+    return x.requires_grad_(backward)
+
+
+def _quantiles(values):
+    s = sorted(values)
+
+    def q(f):
+        k = (len(s) - 1) * f
+        lo, hi = math.floor(k), math.ceil(k)
+        return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+    return q(0.5), q(0.1), q(0.9)
+
+
+def _worker(rank, args, port):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.tp)
+    try:
+        _run_rank(rank, args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _log(rank, msg):
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def _run_rank(rank, args):
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    group = parallel_state.get_tensor_model_parallel_group()
+    ops = DEVICE_OPS[args.device]
+    _validate_memory_probe(ops)
+    _log(rank, "memory probe validated: a known 4 MB + 8 MB allocation pattern measures 12 MiB exactly")
+    coll = _Collectives()
+    n, t = args.tokens, args.tp
+    v_local = args.vocab // t
+    records = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        logits, target, g_logp, g_ent = _make_inputs(n, v_local, rank, dtype, args.seed)
+        shard_bytes = logits.numel() * logits.element_size()
+        ref = _reference(logits, target, group)
+        adapters = [a for a in ADAPTERS.values() if args.device in a.devices]
+        for a in adapters:
+            if dname not in a.dtypes:
+                _log(rank, f"[{dname}] {a.name}: skipped ({a.skip_reason})")
+        adapters = [a for a in adapters if dname in a.dtypes]
+        _log(
+            rank,
+            f"[{dname}] {n} tokens x {args.vocab} vocab, TP={t}: shard {n} x {v_local} = "
+            f"{shard_bytes / 2**20:.0f} MiB per rank; adapters: {', '.join(a.name for a in adapters)}",
+        )
+        rec = {a.name: {} for a in adapters}
+        # 1) instrumented calls: collectives, saved bytes, peak memory, errors
+        for a in adapters:
+            r = rec[a.name]
+            r.update(_instrumented(a, dname, logits, target, g_logp, g_ent, ref, group, coll, ops, rank))
+            _log(
+                rank,
+                f"[{dname}] {a.name}: instrumented (peak fwd+bwd {r['peak_fwdbwd'] / shard_bytes:.2f}x shard, "
+                f"{r['coll_fwd']}+{r['coll_bwd']} collectives)",
+            )
+        # 2) timing, adapters interleaved run by run
+        for backward in (False, True):
+            mode = "fwdbwd" if backward else "fwd"
+            times = {a.name: [] for a in adapters}
+            total = WARMUP + args.repeats
+            for i in range(total):
+                for a in adapters:
+                    x = _fresh(a, dname, logits, backward)
+                    dist.barrier()
+                    ops.sync()
+                    t0 = time.perf_counter()
+                    out, grad = _call(a, x, target, group, g_logp, g_ent, backward)
+                    ops.sync()
+                    dt = time.perf_counter() - t0
+                    del out, grad, x
+                    all_dt = [None] * t
+                    dist.all_gather_object(all_dt, dt, group=group)
+                    if i >= WARMUP:
+                        times[a.name].append(max(all_dt))
+                _log(rank, f"[{dname}] timing {mode}: run {i + 1}/{total} (first {WARMUP} are warm-ups)")
+            for a in adapters:
+                med, p10, p90 = _quantiles(times[a.name])
+                rec[a.name].update({f"time_{mode}_ms": med * 1e3, f"time_{mode}_p10_ms": p10 * 1e3})
+                rec[a.name][f"time_{mode}_p90_ms"] = p90 * 1e3
+        # aggregate over ranks (max) and finish the records
+        for a in adapters:
+            r = rec[a.name]
+            gathered = [None] * t
+            dist.all_gather_object(gathered, r, group=group)
+            merged = {}
+            for k, v in r.items():
+                vals = [g[k] for g in gathered]
+                merged[k] = max(vals) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            merged.update(
+                adapter=a.name,
+                note=a.note,
+                dtype=dname,
+                tokens=n,
+                vocab=args.vocab,
+                tp=t,
+                device=args.device,
+                shard_bytes=shard_bytes,
+                repeats=args.repeats,
+                warmup=WARMUP,
+                outputs="logp+entropy" if a.entropy else "logp",
+            )
+            for k in ("peak_fwd", "peak_fwdbwd", "saved_new_bytes", "saved_alias_bytes"):
+                merged[k + "_x_shard"] = merged[k] / shard_bytes
+            merged["saved_new_bytes_per_token"] = merged["saved_new_bytes"] / n
+            records.append(merged)
+        del logits, target, g_logp, g_ent, ref
+    if rank == 0:
+        _report(records, args)
+    parallel_state.destroy_model_parallel()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _ratio(records, dname, key, other):
+    by = {(r["adapter"], r["dtype"]): r for r in records}
+    ours, ref = by.get(("ours", dname)), by.get((other, dname))
+    if ours is None or ref is None:
+        return None, None, None
+    k = "time_fwdbwd_ms" if key == "time_fwdbwd" else key
+    a, b = ours[k], ref[k]
+    return a, b, (a / b if b > 0 else math.inf)
+
+
+def _fmt_bytes(b):
+    return f"{b / 2**20:.1f}" if b >= 2**20 / 10 else f"{b / 2**20:.3f}"
+
+
+def _table(records):
+    head = (
+        "| adapter | dtype | outputs | fwd ms (p10-p90) | fwd+bwd ms (p10-p90) | fwd+bwd x ours "
+        "| peak fwd MiB (x shard) | peak fwd+bwd MiB (x shard) | saved new (B/token) | saved alias (x shard) "
+        "| coll fwd/bwd | B/token fwd | err logp | err H | err grad (grad dtype) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    by = {(r["adapter"], r["dtype"]): r for r in records}
+    for r in records:
+        ours = by.get(("ours", r["dtype"]))
+        rel = r["time_fwdbwd_ms"] / ours["time_fwdbwd_ms"] if ours else float("nan")
+        ent = f"{r['err_entropy']:.1e}" if r["err_entropy"] is not None else "-"
+        lines.append(
+            f"| {r['adapter']} | {r['dtype']} | {r['outputs']} "
+            f"| {r['time_fwd_ms']:.1f} ({r['time_fwd_p10_ms']:.1f}-{r['time_fwd_p90_ms']:.1f}) "
+            f"| {r['time_fwdbwd_ms']:.1f} ({r['time_fwdbwd_p10_ms']:.1f}-{r['time_fwdbwd_p90_ms']:.1f}) "
+            f"| {rel:.2f} "
+            f"| {_fmt_bytes(r['peak_fwd'])} ({r['peak_fwd_x_shard']:.3f}) "
+            f"| {_fmt_bytes(r['peak_fwdbwd'])} ({r['peak_fwdbwd_x_shard']:.3f}) "
+            f"| {r['saved_new_bytes_per_token']:.1f} | {r['saved_alias_bytes_x_shard']:.2f} "
+            f"| {r['coll_fwd']}/{r['coll_bwd']} | {r['coll_fwd_bytes_per_token']:.0f} "
+            f"| {r['err_logp']:.1e} | {ent} | {r['err_grad']:.1e} ({r['grad_dtype']}) |"
+        )
+    return "\n".join(lines)
+
+
+def _report(records, args):
+    print()
+    print(
+        f"## vocab-parallel log-prob/entropy: {args.tokens} tokens x {args.vocab} vocab, TP={args.tp}, "
+        f"{args.device}, median of {args.repeats} runs after {WARMUP} warm-ups (max over ranks)"
+    )
+    print()
+    print(_table(records))
+    print()
+    print("Targets (ours vs the megatron row a caller that needs entropy would use; peak = fwd+bwd):")
+    n_fail = 0
+    for dname, key, other, bound in TARGETS:
+        if dname not in args.dtypes:
+            continue
+        a, b, ratio = _ratio(records, dname, key, other)
+        if ratio is None:
+            print(f"  [{dname}] {key} vs {other}: not measured")
+            continue
+        ok = ratio <= bound
+        n_fail += not ok
+        unit = "ms" if key.startswith("time") else "MiB"
+        av, bv = (a, b) if unit == "ms" else (a / 2**20, b / 2**20)
+        print(
+            f"  {'PASS' if ok else 'FAIL'} [{dname}] {key}: ours {av:.1f} {unit} / {other} {bv:.1f} {unit} "
+            f"= {ratio:.3f} (target <= {bound})"
+        )
+    for dname, key, other in INFO_TARGETS:
+        if dname not in args.dtypes:
+            continue
+        a, b, ratio = _ratio(records, dname, key, other)
+        if ratio is not None:
+            print(f"  info [{dname}] {key}: ours / {other} (in place, input destroyed) = {ratio:.3f}")
+    for r in records:
+        if r["adapter"] == "ours":
+            ok = r["saved_new_bytes_per_token"] <= 16 and r["coll_fwd"] <= 2 and r["coll_bwd"] == 0
+            n_fail += not ok
+            print(
+                f"  {'PASS' if ok else 'FAIL'} [{r['dtype']}] ours: saved new {r['saved_new_bytes_per_token']:.1f} "
+                f"B/token (<= 16), collectives {r['coll_fwd']} fwd (<= 2) / {r['coll_bwd']} bwd (0)"
+            )
+    print(f"{n_fail} target(s) failed" if n_fail else "all targets met")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    with open(args.out, "w") as f:
+        for r in records:
+            r = dict(
+                r, date=stamp, torch=torch.__version__, host_cpus=os.cpu_count(), machine=platform.machine()
+            )
+            f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(records)} JSON lines to {args.out}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32768, help="global vocabulary (divisible by --tp)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per adapter and mode (>= 5)")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size = number of processes")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="small smoke shape (256 x 4096)")
+    p.add_argument("--out", default="outputs/bench_vocab_parallel.jsonl")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.vocab = 256, 4096
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad:
+        p.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
+    if args.vocab % args.tp:
+        p.error(f"--vocab {args.vocab} must be divisible by --tp {args.tp}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.device not in DEVICE_OPS:
+        p.error(
+            f"--device {args.device}: no adapter set for it yet (CPU/gloo only; a GPU run is a later issue)"
+        )
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
+    print(
+        f"bench_vocab_parallel: {args.tokens} x {args.vocab}, TP={args.tp} ({args.tp} processes, gloo, "
+        f"1 thread each), dtypes {','.join(args.dtypes)}, {args.repeats} runs + {WARMUP} warm-ups",
+        flush=True,
+    )
+    t0 = time.time()
+    mp.spawn(_worker, args=(args, _free_port()), nprocs=args.tp, join=True)
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
