@@ -1,0 +1,76 @@
+"""Configuration of the SGLang rollout engines: how servers start, how the client talks, how weights sync.
+
+Defaults run on the project's CPU machines (see shared docs cpu-recipes.md); a GPU cluster sets
+`device="cuda"`, a larger `mem_fraction_static` and `dtype="bfloat16"`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SYNC_METHODS = ("distributed", "tensor", "disk")
+
+
+class RolloutConfigError(ValueError):
+    """A rollout configuration that cannot work, with the field to change in the message."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutConfig:
+    # --- servers -------------------------------------------------------------------------------
+    model_path: str = ""  # HF checkpoint directory the servers start from (required for SGLangEngine)
+    num_engines: int = 1  # SGLang servers; more than one sit behind sglang-router
+    tp_size: int = 1  # tensor parallelism inside each server
+    device: str = "cpu"  # "cpu" adds the CPU-path arguments of the recipe; "cuda" on a cluster
+    dtype: str = "float32"  # server weights; keep the trainer's dtype policy (fp32 on CPU)
+    mem_fraction_static: float = 0.05  # KV-cache + weights share of device memory (0.05 on CPU)
+    max_total_tokens: int = 8192  # KV-cache size in tokens (None-equivalent 0 = SGLang decides)
+    host: str = "127.0.0.1"  # servers and router listen here; tests keep everything on loopback
+    base_port: int = 0  # first server port (engine i uses base_port + i); 0 = free ports
+    router_port: int = 0  # sglang-router port; 0 = a free port
+    use_router: bool = True  # put sglang-router in front when num_engines > 1
+    python: str = ""  # interpreter that runs the servers and the router; "" = this interpreter
+    pythonpath: list[str] = field(default_factory=list)  # extra PYTHONPATH entries for the servers only
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the servers
+    extra_args: list[str] = field(default_factory=list)  # appended to `sglang.launch_server`
+    startup_timeout_s: float = 300.0  # deadline for /health_generate after a (re)start
+    log_dir: str = ""  # server logs go here ("" = a temporary directory)
+
+    # --- client --------------------------------------------------------------------------------
+    request_timeout_s: float = 600.0  # one /generate call
+    batch_size: int = 8  # prompts per /generate request
+    max_inflight: int = 16  # concurrent /generate requests (all engines together)
+    max_retries: int = 5  # resubmissions of one request before the rollout fails
+    retry_backoff_s: float = 0.5  # first wait after a failed request (doubles per retry)
+    restart_dead_engines: bool = True  # restart an engine whose process died, then resubmit
+    max_restarts: int = 3  # per engine, over the engine's life
+
+    # --- weight sync ---------------------------------------------------------------------------
+    sync_method: str = "distributed"  # "distributed" (broadcast), "tensor" (colocated), "disk"
+    sync_backend: str = ""  # process-group backend for "distributed"; "" = gloo on cpu, nccl on cuda
+    sync_master_addr: str = "127.0.0.1"  # the trainer's address the servers connect to
+    sync_master_port: int = 0  # rendezvous port of the weight-update group; 0 = a free port
+    bucket_bytes: int = 512 * 1024**2  # tensors per update request/broadcast round
+    sync_dir: str = ""  # where "disk" sync writes safetensors ("" = a temporary directory)
+    verify_tolerance: float = 1e-4  # max |engine - trainer| log-prob on the probe after a sync
+
+    def validate(self) -> RolloutConfig:
+        if not self.model_path:
+            raise RolloutConfigError("rollout.model_path: set the HF checkpoint directory the servers load")
+        if self.num_engines < 1 or self.tp_size < 1:
+            raise RolloutConfigError(
+                f"rollout.num_engines={self.num_engines}, rollout.tp_size={self.tp_size}: both must be >= 1"
+            )
+        if not 0 < self.mem_fraction_static <= 1:
+            raise RolloutConfigError(f"rollout.mem_fraction_static={self.mem_fraction_static}: in (0, 1]")
+        if self.sync_method not in SYNC_METHODS:
+            raise RolloutConfigError(f"rollout.sync_method={self.sync_method!r}: one of {SYNC_METHODS}")
+        if self.bucket_bytes <= 0 or self.batch_size < 1 or self.max_inflight < 1:
+            raise RolloutConfigError("rollout.bucket_bytes, batch_size and max_inflight must be positive")
+        if self.verify_tolerance <= 0:
+            raise RolloutConfigError(f"rollout.verify_tolerance={self.verify_tolerance}: must be > 0")
+        return self
+
+    @property
+    def backend(self) -> str:
+        return self.sync_backend or ("gloo" if self.device == "cpu" else "nccl")

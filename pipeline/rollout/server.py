@@ -1,0 +1,194 @@
+"""Start and stop one SGLang server (or sglang-router) as a child process in its own process group.
+
+A server is `python -m sglang.launch_server` with arguments from `RolloutConfig`; it is healthy once
+`GET /health_generate` answers 200 (a real one-token generation). If it dies while starting, the error
+shows the tail of its log. `stop()` ends the whole process group (SGLang forks a scheduler and a
+detokenizer), SIGTERM first, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.rollout.config import RolloutConfig
+
+
+class ServerError(RuntimeError):
+    """A server that did not start, died, or answered a control request with an error."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, payload: dict | None = None, *, timeout: float = 60.0, method: str | None = None):
+    """POST `payload` (or GET without one) and return (status, parsed JSON or text)."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("GET" if data is None else "POST"))
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class ManagedProcess:
+    """A child process in its own session, logging to a file, stopped by its process group."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path, health_url: str):
+        self.name, self.cmd, self.env, self.log_path, self.health_url = name, cmd, env, log_path, health_url
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after we return
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            log.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self, timeout: float = 10.0) -> bool:
+        if not self.alive():
+            return False
+        try:
+            status, _ = http_json(self.health_url, timeout=timeout)
+        except (OSError, urllib.error.URLError):
+            return False
+        return status == 200
+
+    def wait_healthy(self, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if not self.alive():
+                code = self.proc.returncode if self.proc is not None else None
+                raise ServerError(
+                    f"{self.name} exited with code {code} while starting; log tail ({self.log_path}):\n"
+                    + _tail(self.log_path)
+                )
+            if self.healthy(timeout=min(10.0, max(1.0, end - time.monotonic()))):
+                return
+            time.sleep(1.0)
+        self.stop()
+        raise ServerError(
+            f"{self.name} not healthy after {deadline_s:.0f} s; log tail ({self.log_path}):\n"
+            + _tail(self.log_path)
+        )
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            end = time.monotonic() + wait
+            while time.monotonic() < end and _group_alive(pgid):
+                time.sleep(0.1)
+            if not _group_alive(pgid):
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Zombies still count for killpg; reap what is ours and look again.
+    try:
+        while os.waitpid(-pgid, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def server_env(cfg: RolloutConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(cfg.env)
+    if cfg.pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*cfg.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    if cfg.device == "cpu":
+        env.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+        if cfg.tp_size > 1:  # one OpenMP thread per TP rank, each bound to its own core
+            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(cfg.tp_size)))
+    return env
+
+
+def server_command(cfg: RolloutConfig, model_path: str, port: int) -> list[str]:
+    python = cfg.python or sys.executable
+    cmd = [
+        python, "-m", "sglang.launch_server",
+        "--model-path", model_path,
+        "--host", cfg.host,
+        "--port", str(port),
+        "--tp-size", str(cfg.tp_size),
+        "--dtype", cfg.dtype,
+        "--mem-fraction-static", str(cfg.mem_fraction_static),
+        "--skip-server-warmup",
+    ]  # fmt: skip
+    if cfg.max_total_tokens:
+        cmd += ["--max-total-tokens", str(cfg.max_total_tokens)]
+    if cfg.device == "cpu":  # the CPU path of the recipe: torch-native attention and sampling
+        cmd += [
+            "--device", "cpu",
+            "--attention-backend", "torch_native",
+            "--sampling-backend", "pytorch",
+            "--disable-cuda-graph",
+        ]  # fmt: skip
+    return cmd + list(cfg.extra_args)
+
+
+def router_command(cfg: RolloutConfig, port: int, worker_urls: list[str]) -> list[str]:
+    python = cfg.python or sys.executable
+    return [
+        python, "-m", "sglang_router.launch_router",
+        "--host", cfg.host,
+        "--port", str(port),
+        "--worker-urls", *worker_urls,
+        "--policy", "round_robin",
+    ]  # fmt: skip
