@@ -149,6 +149,9 @@ class SGLangEngine:
         self._latest_checkpoint_version = 0
         self._restarts = [0] * cfg.num_engines
         self._restart_lock = threading.Lock()
+        self._recover_lock = threading.Lock()
+        self._recovery: threading.Thread | None = None
+        self._recovery_error: BaseException | None = None
         self._group = None  # the weight-update process group, made at the first distributed sync
         self._aborting = False
         self._rr = 0
@@ -161,8 +164,13 @@ class SGLangEngine:
         ports = [cfg.base_port + i if cfg.base_port else free_port(cfg.host) for i in range(cfg.num_engines)]
         self.servers = [self._server(i, port) for i, port in enumerate(ports)]
         try:
+            # On CPU one after the other: SGLang sizes its pools from the memory that disappears while
+            # it loads, and a neighbour loading at the same time makes that look like its own.
+            serial = cfg.device == "cpu"
             for s in self.servers:
                 s.start()
+                if serial:
+                    s.wait_healthy(cfg.startup_timeout_s)
             for s in self.servers:
                 s.wait_healthy(cfg.startup_timeout_s)
             if cfg.num_engines > 1 and cfg.use_router:
@@ -176,6 +184,7 @@ class SGLangEngine:
                 )
                 self.router.start()
                 self.router.wait_healthy(cfg.startup_timeout_s)
+                self._wait_router_workers(cfg.startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
@@ -189,6 +198,25 @@ class SGLangEngine:
             self._log_dir / f"engine{i}.log",
             f"http://{self.cfg.host}:{port}/health_generate",
         )
+
+    def _wait_router_workers(self, deadline_s: float) -> None:
+        """Until the router lists every engine as healthy (its /health answers before it knows any).
+
+        A restarted engine that the router dropped is registered again.
+        """
+        end = time.monotonic() + deadline_s
+        workers: list = []
+        while time.monotonic() < end:
+            status, body = http_json(f"{self.url}/workers", timeout=10)
+            workers = body.get("workers", []) if status == 200 and isinstance(body, dict) else []
+            healthy = {w.get("url") for w in workers if w.get("is_healthy")}
+            listed = {w.get("url") for w in workers}
+            for url in set(self.engine_urls) - listed:
+                http_json(f"{self.url}/workers", {"url": url}, timeout=30)
+            if healthy >= set(self.engine_urls):
+                return
+            time.sleep(0.5)
+        raise ServerError(f"sglang-router does not list every engine as healthy: {workers}")
 
     @classmethod
     def attach(cls, cfg: RolloutConfig, urls: list[str], **kwargs) -> SGLangEngine:
@@ -206,7 +234,7 @@ class SGLangEngine:
 
     @property
     def url(self) -> str:
-        """Where /generate goes: the router, or the only engine."""
+        """The router's address, or the first engine's without a router."""
         return self.router.health_url.rsplit("/", 1)[0] if self.router is not None else self.engine_urls[0]
 
     # ---- generation -------------------------------------------------------------------------
@@ -232,8 +260,10 @@ class SGLangEngine:
         finally:
             monitor.cancel()
         dt = time.perf_counter() - t0
-        if self._attached_urls is None and not all(s.alive() for s in self.servers):
-            await asyncio.get_running_loop().run_in_executor(None, self.recover)  # leave every engine up
+        if self._attached_urls is None:  # leave every engine up for the next rollout
+            if not all(s.alive() for s in self.servers):
+                self._kick_recovery()
+            await asyncio.get_running_loop().run_in_executor(None, self._join_recovery)
         tokens = sum(len(s.response_ids) for s in results)
         self.metrics.update(
             {
@@ -274,7 +304,9 @@ class SGLangEngine:
                         assert results[i] is None, f"prompt {i} answered twice"
                         results[i] = s
                     return
-            await asyncio.get_running_loop().run_in_executor(None, self.recover)
+            self._kick_recovery()  # in the background: the other engines keep serving meanwhile
+            if self._attached_urls is None and not any(s.alive() for s in self.servers):
+                await asyncio.get_running_loop().run_in_executor(None, self._join_recovery)
             await asyncio.sleep(delay)
             delay *= 2
 
@@ -282,11 +314,33 @@ class SGLangEngine:
         """Restart a dead engine as soon as its process is gone, even while the router hides it."""
         if self._attached_urls is not None:
             return
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every_s)
             if not all(s.alive() for s in self.servers):
-                await loop.run_in_executor(None, self.recover)
+                self._kick_recovery()
+
+    def _kick_recovery(self) -> None:
+        """Run `recover()` in a background thread unless one is already running."""
+        if self._attached_urls is not None:
+            return
+        with self._restart_lock:
+            if self._recovery is not None and self._recovery.is_alive():
+                return
+            self._recovery_error = None
+            self._recovery = threading.Thread(target=self._recover_in_background, daemon=True)
+            self._recovery.start()
+
+    def _recover_in_background(self) -> None:
+        try:
+            self.recover()
+        except BaseException as e:  # reported by _join_recovery
+            self._recovery_error = e
+
+    def _join_recovery(self) -> None:
+        if self._recovery is not None:
+            self._recovery.join()
+        if self._recovery_error is not None:
+            raise self._recovery_error
 
     async def _post_generate(self, session: aiohttp.ClientSession, url: str, payload: dict) -> list[dict]:
         async with session.post(f"{url}/generate", json=payload) as resp:
@@ -306,7 +360,7 @@ class SGLangEngine:
 
     def _next_url(self) -> str:
         urls = self.engine_urls
-        if self.router is not None or len(urls) == 1:
+        if (self.router is not None and self.cfg.use_router) or len(urls) == 1:
             return self.url
         alive = [u for u, s in zip(urls, self.servers) if s.alive()] or urls
         self._rr += 1
@@ -316,7 +370,7 @@ class SGLangEngine:
         """Restart every engine whose process died (up to `max_restarts` each) and re-register it."""
         if self._attached_urls is not None:
             return  # not ours to restart: retry only
-        with self._restart_lock:
+        with self._recover_lock:
             for i, s in enumerate(self.servers):
                 if s.alive():
                     continue
@@ -334,9 +388,11 @@ class SGLangEngine:
                               {"new_version": str(self._latest_checkpoint_version), "abort_all_requests": False})  # fmt: skip
                 self.servers[i] = new
                 self._group = None  # the broadcast group lost a member: rebuild it at the next sync
-            if self.router is not None and not self.router.alive():
-                self.router.start()
-                self.router.wait_healthy(self.cfg.startup_timeout_s)
+            if self.router is not None:
+                if not self.router.alive():
+                    self.router.start()
+                    self.router.wait_healthy(self.cfg.startup_timeout_s)
+                self._wait_router_workers(self.cfg.startup_timeout_s)
 
     def abort(self) -> None:
         """Abort every running request; `generate` then fails with RolloutError instead of retrying."""
