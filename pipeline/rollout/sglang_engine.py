@@ -635,16 +635,21 @@ class SGLangEngine:
         return servers and (self.router is None or self.router.healthy())
 
     def shutdown(self) -> None:
-        if self.router is not None:
-            self.router.stop()
-        for s in getattr(self, "servers", []):
-            s.stop()
+        """Leave the weight-update group, then stop the router and the servers this object started."""
         if getattr(self, "_group", None) is not None:
+            try:  # the servers first: another trainer process may sync them later (an attached client)
+                self._control("destroy_weights_update_group", {"group_name": GROUP_NAME}, timeout=60)
+            except (ServerError, OSError) as e:
+                log.warning("servers did not leave the weight-update group: %r", e)
             try:
                 dist.destroy_process_group(self._group)
             except (RuntimeError, ValueError) as e:  # a custom group unknown to the default world
                 log.warning("destroying the weight-update group: %r", e)
             self._group = None
+        if getattr(self, "router", None) is not None:
+            self.router.stop()
+        for s in getattr(self, "servers", []):
+            s.stop()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> SGLangEngine:
