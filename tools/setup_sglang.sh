@@ -13,7 +13,7 @@
 # Idempotent; a second run only checks (about 3 s). Usage: bash tools/setup_sglang.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=.venv/sglang-server
+VENV=${SGLANG_VENV:-.venv/sglang-server}  # SGLANG_VENV: elsewhere (e.g. to time a fresh install)
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 

@@ -1,10 +1,18 @@
 """Rollout engines behind one interface: SGLang servers on a cluster, an in-process engine on a CPU box."""
 
-from pipeline.rollout.base import Engine, Sample, SamplingParams
+from pipeline.rollout.base import Engine, Sample, SamplingParams, logprob_mismatch
 from pipeline.rollout.config import RolloutConfig, RolloutConfigError
 from pipeline.rollout.local import LocalEngine
 
-__all__ = ["Engine", "LocalEngine", "RolloutConfig", "RolloutConfigError", "Sample", "SamplingParams"]
+__all__ = [
+    "Engine",
+    "LocalEngine",
+    "RolloutConfig",
+    "RolloutConfigError",
+    "Sample",
+    "SamplingParams",
+    "logprob_mismatch",
+]
 
 
 def __getattr__(name: str):

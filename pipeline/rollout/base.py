@@ -53,3 +53,21 @@ class Engine(Protocol):
     def health(self) -> bool: ...
 
     def shutdown(self) -> None: ...
+
+
+def logprob_mismatch(rollout: list[list[float]], trainer: list[list[float]]) -> dict[str, float]:
+    """Train/rollout mismatch of one step, to log every step (architecture: "where the hard parts are").
+
+    `rollout`: each sample's per-token log-probs from the engine; `trainer`: the actor's log-probs of
+    the same tokens at the same temperature. Returns the mean and max |difference| over all tokens and
+    the k3 estimate of KL(rollout || trainer), mean over tokens of exp(d) - 1 - d with d = trainer - rollout.
+    """
+    diffs = [t - r for rs, ts in zip(rollout, trainer, strict=True) for r, t in zip(rs, ts, strict=True)]
+    if not diffs:
+        return {"mismatch/logprob_mean_abs": 0.0, "mismatch/logprob_max_abs": 0.0, "mismatch/kl_k3": 0.0}
+    d = torch.tensor(diffs, dtype=torch.float64)
+    return {
+        "mismatch/logprob_mean_abs": d.abs().mean().item(),
+        "mismatch/logprob_max_abs": d.abs().max().item(),
+        "mismatch/kl_k3": (d.exp() - 1 - d).mean().item(),
+    }
