@@ -5,6 +5,8 @@ log-probs, with the weight version advanced. One server for the whole module (~3
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from pipeline.rollout import SamplingParams
@@ -116,3 +118,21 @@ def test_buckets_respect_the_byte_limit():
     named = [(f"t{i}", torch.zeros(n)) for i, n in enumerate([10, 10, 30, 5, 100])]
     sizes = [[n for n, _ in b] for b in bucketed(named, bucket_bytes=4 * 25)]
     assert sizes == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
+
+
+def test_pause_holds_new_requests_until_resume(served):
+    engine, _ = served
+    assert engine.health()
+    engine.pause()
+    out: dict = {}
+    rollout = threading.Thread(
+        target=lambda: out.update(s=engine.generate(prompts(2), SamplingParams(max_new_tokens=4)))
+    )
+    try:
+        rollout.start()
+        rollout.join(timeout=3.0)
+        assert rollout.is_alive(), "a paused server answered"
+    finally:
+        engine.resume()
+    rollout.join(timeout=120)
+    assert len(out["s"]) == 2 and engine.health()
