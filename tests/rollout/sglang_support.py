@@ -7,6 +7,7 @@ char-level tokenizer so that SGLang can load the directory; prompts always trave
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from pipeline.tiny import char_tokenizer
 from tests.rollout.test_local_engine import tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVER_PYTHON = ROOT / ".venv" / "sglang-server" / "bin" / "python"
+SERVER_PYTHON = Path(
+    os.environ.get("SGLANG_SERVER_PYTHON", ROOT / ".venv" / "sglang-server" / "bin" / "python")
+)
 SHIM = ROOT / "tests" / "support"
 
 needs_sglang = pytest.mark.skipif(
