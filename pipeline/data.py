@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def ConfigError(message: str):  # noqa: N802 - stands for pipeline.config.ConfigError
-    """`pipeline.config.ConfigError(message)`, imported late: pipeline/config.py imports this module
-    to assemble the root `Config`, so a module-level import would be circular when this module is
-    imported first."""
-    from pipeline.config import ConfigError as _ConfigError
-
-    return _ConfigError(message)
-
+from pipeline.errors import ConfigError
 
 # Hugging Face `model_type`s whose layout pipeline/actor/hf_mapping knows.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")

@@ -20,7 +20,7 @@ from megatron.core.transformer import TransformerConfig
 
 from pipeline.actor.config import ActorConfig, check_model_features
 from pipeline.actor.hf_mapping.common import padded_vocab_size
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def _error(message: str) -> Exception:
-    """`pipeline.config.ConfigError`, imported late: `pipeline.config` imports this module for `Config`."""
-    from pipeline.config import ConfigError
-
-    return ConfigError(message)
-
+from pipeline.errors import ConfigError
 
 METHODS = ("ppo", "cispo", "clip_cov", "kl_cov", "archer")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -55,32 +49,40 @@ class LossConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise _error(f"loss.method={self.method!r}: expected one of {list(METHODS)}")
+            raise ConfigError(f"loss.method={self.method!r}: expected one of {list(METHODS)}")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise _error(f"loss.loss_agg_mode={self.loss_agg_mode!r}: expected one of {list(LOSS_AGG_MODES)}")
+            raise ConfigError(
+                f"loss.loss_agg_mode={self.loss_agg_mode!r}: expected one of {list(LOSS_AGG_MODES)}"
+            )
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise _error(f"loss.kl_estimator={self.kl_estimator!r}: expected one of {list(KL_ESTIMATORS)}")
+            raise ConfigError(
+                f"loss.kl_estimator={self.kl_estimator!r}: expected one of {list(KL_ESTIMATORS)}"
+            )
         for name in ("clip_ratio_low", "clip_ratio_high", "cispo_clip_high", "archer_clip_low_entropy",
                      "archer_clip_high_entropy", "kl_cov_coef", "archer_kl_coef_low_entropy",
                      "archer_kl_coef_high_entropy", "kl_coef"):  # fmt: skip
             if getattr(self, name) < 0:
-                raise _error(f"loss.{name}={getattr(self, name)}: must be >= 0")
+                raise ConfigError(f"loss.{name}={getattr(self, name)}: must be >= 0")
         if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
-            raise _error(f"loss.clip_ratio_c={self.clip_ratio_c}: must be > 1 (e.g. 3 or 10), or null (off)")
+            raise ConfigError(
+                f"loss.clip_ratio_c={self.clip_ratio_c}: must be > 1 (e.g. 3 or 10), or null (off)"
+            )
         if not 0.0 < self.clip_cov_ratio <= 1.0:
-            raise _error(f"loss.clip_cov_ratio={self.clip_cov_ratio}: must be in (0, 1] (a fraction)")
+            raise ConfigError(f"loss.clip_cov_ratio={self.clip_cov_ratio}: must be in (0, 1] (a fraction)")
         if not 0.0 < self.kl_cov_ratio <= 1.0:
-            raise _error(
+            raise ConfigError(
                 f"loss.kl_cov_ratio={self.kl_cov_ratio}: must be in (0, 1] (a fraction; 0.2 percent = 0.002)"
             )
         if not 0.0 < self.archer_entropy_quantile < 1.0:
-            raise _error(f"loss.archer_entropy_quantile={self.archer_entropy_quantile}: must be in (0, 1)")
+            raise ConfigError(
+                f"loss.archer_entropy_quantile={self.archer_entropy_quantile}: must be in (0, 1)"
+            )
         if not 0.0 < self.top_entropy_ratio <= 1.0:
-            raise _error(f"loss.top_entropy_ratio={self.top_entropy_ratio}: must be in (0, 1] (1 = off)")
+            raise ConfigError(f"loss.top_entropy_ratio={self.top_entropy_ratio}: must be in (0, 1] (1 = off)")
         if self.loss_scale_factor is not None and self.loss_scale_factor <= 0:
-            raise _error(f"loss.loss_scale_factor={self.loss_scale_factor}: must be > 0 or null")
+            raise ConfigError(f"loss.loss_scale_factor={self.loss_scale_factor}: must be > 0 or null")
         if self.adv_shaping_alpha < 0 or self.adv_shaping_kappa <= 1.0:
-            raise _error(
+            raise ConfigError(
                 f"loss.adv_shaping_alpha={self.adv_shaping_alpha}, loss.adv_shaping_kappa="
                 f"{self.adv_shaping_kappa}: need alpha >= 0 and kappa > 1"
             )
@@ -95,11 +97,11 @@ class AdvantageConfig:
 
     def validate(self) -> None:
         if self.estimator not in ADVANTAGE_ESTIMATORS:
-            raise _error(
+            raise ConfigError(
                 f"advantage.estimator={self.estimator!r}: expected one of {list(ADVANTAGE_ESTIMATORS)}"
             )
         if self.eps <= 0 or not 0.0 <= self.gamma <= 1.0:
-            raise _error(
+            raise ConfigError(
                 f"advantage.eps={self.eps}, advantage.gamma={self.gamma}: need eps > 0, gamma in [0, 1]"
             )
 
@@ -115,9 +117,9 @@ class EntropyControlConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.coef_min <= self.coef_init <= self.coef_max:
-            raise _error(
+            raise ConfigError(
                 f"entropy_control: need 0 <= coef_min ({self.coef_min}) <= coef_init ({self.coef_init}) "
                 f"<= coef_max ({self.coef_max})"
             )
         if self.delta < 0:
-            raise _error(f"entropy_control.delta={self.delta}: must be >= 0")
+            raise ConfigError(f"entropy_control.delta={self.delta}: must be >= 0")

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.rewards.math_reward import extract_answer, math_reward
 from pipeline.rewards.overlong import overlong_penalty
 

@@ -1,0 +1,9 @@
+"""`ConfigError`, in a module of its own so that every component's config can import it directly.
+
+`pipeline/config.py` assembles the root `Config` from the components' dataclasses, so a component
+importing `ConfigError` from there would be a circular import whenever it is imported first.
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and what to change."""
