@@ -19,9 +19,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and what to change."""
+from pipeline.errors import ConfigError
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -155,7 +153,16 @@ def validate_tree(cfg, where: str = "") -> None:
             raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
 
 
-def load_yaml(path: str | Path) -> dict:
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe as a mapping. `base: other.yaml` (relative to this file) is loaded first and this
+    file's sections are merged over it, field by field."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -165,7 +172,15 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the path of another recipe, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: base {base} includes itself")
+    return _merge(load_yaml(base_path, (*_seen, path.resolve())), data)
 
 
 def load(cls, path: str | Path | None = None, overrides: list[str] | None = None):
@@ -180,15 +195,54 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
     return cfg
 
 
-# The root of the tree: one field per component. Imported here, at the bottom, because each
-# component's module imports `ConfigError` from this one.
+# The root of the tree: one field per component. Imported here, at the bottom, so that this
+# module's loader is defined before the components' modules (which import only pipeline.errors).
 from pipeline.actor.config import ActorConfig  # noqa: E402
 from pipeline.algorithms.config import AdvantageConfig, EntropyControlConfig, LossConfig  # noqa: E402
+from pipeline.data import DataConfig  # noqa: E402
+from pipeline.rewards.compute import RewardConfig  # noqa: E402
+from pipeline.rollout.config import RolloutConfig  # noqa: E402
+from pipeline.trainer_config import TrainerConfig  # noqa: E402
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class Config:
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)  # the RL loop
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # prompt datasets
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)  # verifiable rewards
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)  # engines and sync
     actor: ActorConfig = dataclasses.field(default_factory=ActorConfig)  # the Megatron actor
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)  # policy loss (method, clips, agg)
     advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)  # outcome advantages
     entropy_control: EntropyControlConfig = dataclasses.field(default_factory=EntropyControlConfig)  # Skywork
+
+    def __post_init__(self) -> None:
+        # One model path for the whole job unless the rollout engines start from another copy.
+        if not self.rollout.model_path:
+            self.rollout.model_path = self.actor.model_path
+
+    def validate(self) -> None:
+        """Checks across sections (each section validated its own fields already)."""
+        if not self.actor.model_path:
+            raise ConfigError("actor.model_path: set the Hugging Face model directory to train")
+        if not self.data.train_files:
+            raise ConfigError("data.train_files: list at least one .jsonl or .parquet file of prompts")
+        if self.rollout.engine == "sglang" and self.actor.temperature != 1.0:
+            raise ConfigError(
+                f"actor.temperature={self.actor.temperature} with rollout.engine=sglang: the servers' "
+                "teacher-forced log-probs (weight-sync check) are at temperature 1; use 1.0 or the local engine"
+            )
+        t = self.trainer
+        rows = t.prompts_per_step * t.samples_per_prompt // t.mini_batches_per_step
+        unit = self.actor.micro_batch_size * (t.world_size // (self.actor.tp * self.actor.pp))
+        if t.world_size % (self.actor.tp * self.actor.pp):
+            raise ConfigError(
+                f"trainer.world_size={t.world_size} must be a multiple of actor.tp x actor.pp = "
+                f"{self.actor.tp * self.actor.pp}"
+            )
+        if rows % unit:
+            raise ConfigError(
+                f"a mini-batch of {rows} rows (trainer.prompts_per_step x samples_per_prompt / "
+                f"mini_batches_per_step) must be a multiple of actor.micro_batch_size x data-parallel size "
+                f"= {unit}"
+            )

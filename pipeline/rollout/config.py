@@ -8,17 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.errors import ConfigError
+
 SYNC_METHODS = ("distributed", "tensor", "disk")
+ENGINES = ("local", "sglang")
 
 
-class RolloutConfigError(ValueError):
+class RolloutConfigError(ConfigError):
     """A rollout configuration that cannot work, with the field to change in the message."""
 
 
 @dataclass(kw_only=True, slots=True)
 class RolloutConfig:
+    # --- which engine, where -------------------------------------------------------------------
+    engine: str = "local"  # "local": in-process transformers engine (CPU demo); "sglang": servers
+    colocate: bool = True  # engines share the actor's devices (memory released between phases)
+    engine_cpus: float = 0.5  # Ray CPUs per local engine / per SGLang engine owner
+
     # --- servers -------------------------------------------------------------------------------
-    model_path: str = ""  # HF checkpoint directory the servers start from (required for SGLangEngine)
+    model_path: str = ""  # HF checkpoint the engines start from ("" in a recipe = actor.model_path)
     num_engines: int = 1  # SGLang servers; more than one sit behind sglang-router
     tp_size: int = 1  # tensor parallelism inside each server
     device: str = "cpu"  # "cpu" adds the CPU-path arguments of the recipe; "cuda" on a cluster
@@ -55,8 +63,15 @@ class RolloutConfig:
     verify_tolerance: float = 1e-4  # max |engine - trainer| log-prob on the probe after a sync
 
     def validate(self) -> RolloutConfig:
+        if self.engine not in ENGINES:
+            raise RolloutConfigError(f"rollout.engine={self.engine!r}: one of {ENGINES}")
+        if self.engine_cpus <= 0:
+            raise RolloutConfigError(f"rollout.engine_cpus={self.engine_cpus}: must be > 0")
         if not self.model_path:
-            raise RolloutConfigError("rollout.model_path: set the HF checkpoint directory the servers load")
+            raise RolloutConfigError(
+                "rollout.model_path: set the HF checkpoint directory the engines load (a recipe defaults it to "
+                "actor.model_path)"
+            )
         if self.num_engines < 1 or self.tp_size < 1:
             raise RolloutConfigError(
                 f"rollout.num_engines={self.num_engines}, rollout.tp_size={self.tp_size}: both must be >= 1"

@@ -1,0 +1,60 @@
+"""`TrainerConfig`: the RL loop's own knobs (batch shape, schedule of eval/checkpoints, Ray, sync)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import ConfigError
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerConfig:
+    run_dir: str = "runs/demo"  # metrics.jsonl, tensorboard/, checkpoints/, config.json
+    make_tiny_model_dir: str | None = None  # CPU demo: make the tiny model here first if missing
+    steps: int = 40  # RL steps (rollout + updates + sync)
+    prompts_per_step: int = 16  # prompt groups trained on per step (after dynamic sampling)
+    samples_per_prompt: int = 8  # responses per prompt (GRPO group size)
+    max_response_tokens: int = 24  # generation limit (truncated responses: finish_reason "length")
+    top_p: float = 1.0  # rollout nucleus sampling (1.0 keeps log-probs exact for the loss)
+    mini_batches_per_step: int = 1  # optimizer steps per RL step per epoch (1 = on-policy)
+    epochs: int = 1  # passes over the step's batch
+    dynamic_sampling: bool = True  # DAPO: keep only groups whose accuracies differ
+    max_gen_rounds: int = 4  # rollout rounds per step before training on a partial batch (with a warning)
+    world_size: int = 2  # Megatron ranks (= actor.tp x actor.pp x data-parallel size)
+    eval_every: int = 10  # steps between evaluations (0 = never)
+    eval_prompts: int = 100  # held-out prompts per evaluation
+    eval_samples: int = 4  # samples per eval prompt: accuracy and pass@k
+    eval_temperature: float = 1.0  # sampling temperature at evaluation
+    checkpoint_every: int = 20  # steps between checkpoints (0 = never); the last step always saves
+    keep_checkpoints: int = 2  # complete checkpoints kept
+    max_nan_steps: int = 3  # steps with a non-finite loss tolerated before the run stops
+    sync_bucket_mb: int = 512  # weight-sync bucket size
+    sync_tolerance: float = 1e-3  # max |engine - actor| log-prob on the probe after each sync
+    ray_address: str | None = None  # None = a private Ray instance on 127.0.0.1; else join it
+    ray_num_cpus: int | None = None  # CPUs Ray may use (None = all)
+    tensorboard: bool = True
+    wandb_project: str | None = None  # W&B project; None = off
+    seed: int = 0  # prompts order, sampling, everything seeded from it
+    inject_nan_at_steps: list[int] = field(default_factory=list)  # fault injection: NaN loss at these steps
+
+    def validate(self) -> None:
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "samples_per_prompt",
+            "max_response_tokens",
+            "mini_batches_per_step",
+            "epochs",
+            "world_size",
+            "max_gen_rounds",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)}: must be >= 1")
+        rows = self.prompts_per_step * self.samples_per_prompt
+        if rows % self.mini_batches_per_step:
+            raise ConfigError(
+                f"trainer.mini_batches_per_step={self.mini_batches_per_step} must divide prompts_per_step x "
+                f"samples_per_prompt = {rows}"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"trainer.top_p={self.top_p}: must be in (0, 1]")
