@@ -132,6 +132,37 @@ class MegatronActor:
         no_sync = [c.no_sync for c in self.chunks]
         self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.step_count = 0
+        self._reference: list[torch.Tensor] | None = None  # host copy of the frozen reference policy
+
+    # ------------------------------------------------------------------ reference policy
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for c in self.chunks for p in unwrap(c).parameters()]
+
+    @torch.no_grad()
+    def snapshot_reference(self) -> None:
+        """Keep a host copy of the current weights as the frozen reference policy (KL terms).
+
+        Like slime's weight backup: one extra copy of this rank's shard in host memory instead of a
+        second model on the device; `compute_log_prob(..., weights="reference")` swaps it in.
+        """
+        self._reference = [p.detach().to("cpu", copy=True) for p in self._params()]
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
+        if self._reference is None:
+            raise RuntimeError("no reference policy: call snapshot_reference() (or load a checkpoint) first")
+        params = self._params()
+        current = [p.detach().to("cpu", copy=True) for p in params]
+        with torch.no_grad():
+            for p, r in zip(params, self._reference, strict=True):
+                p.copy_(r)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, c in zip(params, current, strict=True):
+                    p.copy_(c)
 
     # ------------------------------------------------------------------ micro-batches and the schedule
 
@@ -200,11 +231,19 @@ class MegatronActor:
     # ------------------------------------------------------------------ verbs
 
     @torch.no_grad()
-    def compute_log_prob(self, batch: dict, *, entropy: bool = True, broadcast: bool = True) -> dict:
+    def compute_log_prob(
+        self, batch: dict, *, entropy: bool = True, broadcast: bool = True, weights: str = "current"
+    ) -> dict:
         """Per-token log-probs (and entropies) of the response tokens, no graph: {"log_prob": [B, R], ...}.
 
         Computed on the last pipeline stage; with `broadcast` every rank of the pipeline gets them.
+        `weights="reference"` uses the frozen reference policy (`snapshot_reference`).
         """
+        if weights == "reference":
+            with self._reference_weights():
+                return self.compute_log_prob(batch, entropy=entropy, broadcast=broadcast)
+        if weights != "current":
+            raise ValueError(f"weights={weights!r}: expected 'current' or 'reference'")
         for c in self.chunks:
             c.eval()
 
@@ -231,13 +270,18 @@ class MegatronActor:
             result = holder[0]
         return result
 
-    def train_step(self, batch: dict, loss_cfg, *, step: int | None = None) -> dict:
+    def train_step(self, batch: dict, loss_cfg, *, step: int | None = None, inject_nan: bool = False) -> dict:
         """One optimizer step on this rank's mini-batch with the loss library's `loss_cfg`.
 
         Returns metrics (the same on every rank): `loss` (the global mini-batch loss before the
         step), `grad_norm` (before clipping), `lr` (used by this step; megatron's warm-up starts
         at `init_lr` = 0, so the first warm-up step does not move the parameters), and the loss
         library's metrics.
+
+        A non-finite current log-prob/entropy, loss or gradient on any rank skips the step on every
+        rank (no parameter, optimizer or LR-schedule change) and returns `update_successful=False`
+        with `nonfinite=1`; megatron's optimizers check for inf/NaN only under fp16 loss scaling.
+        `inject_nan` multiplies the loss by NaN (fault injection, to test that path end to end).
         """
         from pipeline.algorithms import apply_loss, prepare_loss
 
@@ -245,11 +289,18 @@ class MegatronActor:
         micro_batches = self._micro_batches(batch)
         n_mb, dp = len(micro_batches), ps.get_data_parallel_world_size()
         plan = None
+        current = None
         if self.is_last_stage:
             # The current policy over the whole mini-batch: parameters do not change within it,
             # so these equal the training forward's values; the loss library's global statistics
             # (normalisers, covariance centring, quantiles) are computed from them over DP.
             current = self.compute_log_prob(batch, entropy=True, broadcast=False)
+        else:
+            self.compute_log_prob(batch, entropy=True, broadcast=False)
+        mask = batch["response_mask"].bool()
+        if _any_rank(current is not None and not _finite(current["log_prob"], current["entropy"], mask=mask)):
+            return self._skipped_step()
+        if self.is_last_stage:
             plan = prepare_loss(
                 loss_cfg,
                 current["log_prob"],
@@ -262,8 +313,6 @@ class MegatronActor:
                 step=step,
                 dp_group=ps.get_data_parallel_group(),
             )
-        else:
-            self.compute_log_prob(batch, entropy=True, broadcast=False)
 
         def loss_fn(mb, logits):
             out = self._token_stats(mb, logits, entropy=True)
@@ -277,6 +326,8 @@ class MegatronActor:
                 entropy=out.entropy,
                 ref_log_prob=mb.get("ref_log_prob"),
             )
+            if inject_nan:
+                loss = loss * float("nan")
             # The schedule divides by n_mb and DDP averages over dp: multiply both back so the
             # gradient is that of the sum of apply_loss over micro-batches and DP ranks.
             return loss * (n_mb * dp), {"loss": loss.detach(), **metrics}
@@ -285,6 +336,12 @@ class MegatronActor:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run_schedule(micro_batches, loss_fn, forward_only=False)
+        bad_loss = self.is_last_stage and not _finite(*(o["loss"] for o in outputs))
+        if _any_rank(bad_loss or not self._grads_finite()):
+            for c in self.chunks:
+                c.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return self._skipped_step()
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
@@ -310,7 +367,26 @@ class MegatronActor:
         metrics = holder[0]
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = lr
+        metrics["nonfinite"] = 0
         return metrics
+
+    def _grads_finite(self) -> bool:
+        """Whether this rank's reduced gradients (the DDP buffers the optimizer reads) are finite."""
+        for c in self.chunks:
+            for buf in [*c.buffers, *c.expert_parallel_buffers]:
+                if not bool(torch.isfinite(buf.grad_data).all()):
+                    return False
+        return True
+
+    def _skipped_step(self) -> dict:
+        """Metrics of a step skipped for a non-finite value (the same on every rank)."""
+        return {
+            "loss": float("nan"),
+            "update_successful": False,
+            "nonfinite": 1,
+            "grad_norm": float("nan"),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -380,6 +456,25 @@ class MegatronActor:
 
 
 _CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _finite(*tensors: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    for t in tensors:
+        t = t.detach()
+        if mask is not None:
+            t = t[mask]
+        if not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank of the world (one tiny all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def _rng_state() -> dict:
