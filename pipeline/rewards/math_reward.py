@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+# math-verify warns on every call that its signal-based timeout is off (we turn it off on purpose).
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 _BOXED = re.compile(r"\\boxed\{")
 _HASHES = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)

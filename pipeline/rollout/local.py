@@ -120,12 +120,21 @@ class LocalEngine:
         ]
 
     # ---- weights ----------------------------------------------------------------------------
-    @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Copy HF-named tensors (from the export generator) into the model; every name must exist."""
+        self.begin_weight_update()
+        self.load_weights(named_tensors)
+        self.end_weight_update(version)
+
+    def begin_weight_update(self) -> None:
+        """Start a streamed update: `load_weights` per bucket, then `end_weight_update(version)`."""
+        self._seen: set[str] = set()
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy one bucket of HF-named tensors into the model (names and shapes checked)."""
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
-        seen = set()
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"LocalEngine.update_weights: unknown tensor {name!r}")
@@ -135,9 +144,12 @@ class LocalEngine:
                     f"LocalEngine.update_weights: {name} has shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}"
                 )
             dst.copy_(tensor.to(dst.dtype))
-            seen.add(name)
+            self._seen.add(name)
+
+    def end_weight_update(self, version: int) -> None:
+        """Check that every parameter arrived (a tied lm_head excepted) and tag `version`."""
         tied = getattr(self.model.config, "tie_word_embeddings", False)
-        missing = {n for n, _ in self.model.named_parameters()} - seen
+        missing = {n for n, _ in self.model.named_parameters()} - self._seen
         if tied:
             missing.discard("lm_head.weight")
         if missing:
