@@ -7,7 +7,6 @@ stopped by id as well, even when a test fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.processes import marked_pids, stop_marked
 
 REPO = Path(__file__).resolve().parents[2]
 APT_PACKAGES = ["slurm-wlm", "munge", "shellcheck"]
@@ -194,17 +195,7 @@ class SlurmCluster:
     # -- teardown ------------------------------------------------------------------------------
     def marked_pids(self) -> list[int]:
         """Processes of this cluster: their environment carries MARKER_ENV=<root> (daemons, steps, Ray)."""
-        me, found = os.getpid(), []
-        needle = f"{MARKER_ENV}={self.root}".encode()
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == me:
-                continue
-            try:
-                if needle in (d / "environ").read_bytes().split(b"\0"):
-                    found.append(int(d.name))
-            except OSError:
-                continue
-        return found
+        return marked_pids(MARKER_ENV, str(self.root))
 
     def stop(self) -> None:
         try:
@@ -224,13 +215,7 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # job steps or Ray processes that outlived them
-            pids = self.marked_pids()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            if pids:
-                time.sleep(3)
+        stop_marked(MARKER_ENV, str(self.root))  # job steps or Ray processes that outlived them
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
