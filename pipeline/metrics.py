@@ -79,3 +79,28 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve_table(run_dir: str | Path, keys: tuple[str, ...] | None = None) -> str:
+    """A Markdown table of the evaluated steps: what the run printed at its end (and the README shows)."""
+    merged: dict[int, dict] = {}
+    for row in read_metrics(run_dir):
+        merged.setdefault(row["step"], {}).update(row)
+    rows = [(s, r) for s, r in sorted(merged.items()) if any(k.startswith("eval/") for k in r)]
+    if not rows:
+        return ""
+    keys = keys or tuple(
+        k
+        for k in (
+            "eval/acc",
+            *sorted(k for k in rows[-1][1] if k.startswith("eval/pass@")),
+            "reward/acc_generated",
+            "entropy/mean",
+        )
+        if any(k in r for _, r in rows)
+    )
+    lines = ["| step | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
+    for step, r in rows:
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), int | float) else "" for k in keys]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Command line: `python -m pipeline train --config configs/demo_cpu.yaml [section.field=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _prepare_demo_model(cfg) -> None:
+    """Make the tiny demo model first when the recipe asks for it and it does not exist yet."""
+    out = cfg.trainer.make_tiny_model_dir
+    if not out or (Path(out) / "model" / "config.json").exists():
+        return
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_tiny_model.py"
+    print(f"[pipeline] {out}/model does not exist: making the tiny demo model (a few minutes on 2 cores)")
+    subprocess.run([sys.executable, str(tool), "--out-dir", out, "--seed", str(cfg.trainer.seed)], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:  # Slurm launcher: its own options (pipeline/submit.py)
+        from pipeline.submit import main as submit
+
+        return submit(argv[1:])
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline", description="RL post-training with entropy control"
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="run (or resume) an RL job")
+    tr.add_argument("--config", required=True, help="YAML recipe in configs/")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.method=clip_cov actor.tp=2")
+    sub.add_parser(
+        "submit", help="write and submit the Slurm job for a recipe (submit --help)", add_help=False
+    )
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from pipeline.config import Config, ConfigError, load
+
+    try:
+        cfg = load(Config, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "train":
+        _prepare_demo_model(cfg)
+        from pipeline import preemption
+        from pipeline.train import Trainer, TrainingError
+
+        try:
+            trainer = Trainer(cfg)
+            try:
+                status = trainer.run()
+            finally:
+                trainer.shutdown()
+        except (TrainingError, ConfigError) as e:
+            print(f"[pipeline] stopped: {e}", file=sys.stderr)
+            return 1
+        if status == "preempted":
+            return preemption.REQUEUE_EXIT_CODE
+        from pipeline.metrics import curve_table
+
+        print(f"[pipeline] done: {cfg.trainer.run_dir}/metrics.jsonl\n{curve_table(cfg.trainer.run_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""One Ray actor per Megatron rank, forming one torch.distributed group; the driver calls verbs on all.
+
+The driver hands every rank the same mini-batch (one object in Ray's store); each rank keeps the rows
+of its data-parallel shard. Results come back from the ranks that hold them (last pipeline stage,
+tensor-parallel rank 0) in data-parallel order.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+
+from pipeline.cluster import placement
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@ray.remote
+class ActorWorker:
+    """A Megatron rank: process group, parallel state and `MegatronActor`, inside one Ray actor."""
+
+    def __init__(self, rank: int, world_size: int, actor_cfg, hf_dir: str, backend: str, reference: bool):
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.args = (actor_cfg, hf_dir, reference)
+
+    def address(self) -> str:
+        """Where rank 0 hosts the rendezvous (its node's address and a free port there)."""
+        return f"{ray.util.get_node_ip_address()}:{_free_port()}"
+
+    def start(self, master: str) -> dict:
+        import torch.distributed as dist
+
+        import megatron_patches
+
+        actor_cfg, hf_dir, reference = self.args
+        dist.init_process_group(
+            self.backend, init_method=f"tcp://{master}", rank=self.rank, world_size=self.world_size
+        )
+        megatron_patches.apply_for_this_machine()
+        from megatron.core import parallel_state as ps
+
+        from pipeline.actor.actor import MegatronActor, initialize_parallel
+        from pipeline.actor.model import read_hf_config
+
+        self.hf_config = read_hf_config(hf_dir)
+        initialize_parallel(actor_cfg, self.hf_config)
+        self.actor = MegatronActor(actor_cfg, self.hf_config, hf_dir=hf_dir)
+        if reference:  # the initial weights are the frozen reference policy, also after a resume
+            self.actor.snapshot_reference()
+        self.ps = ps
+        return {
+            "rank": self.rank,
+            "dp_rank": ps.get_data_parallel_rank(),
+            "dp_size": ps.get_data_parallel_world_size(),
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True),
+            "pid": os.getpid(),
+        }
+
+    def _shard(self, batch: dict) -> dict:
+        dp, rank = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
+        b = batch["input_ids"].shape[0]
+        if b % dp:
+            raise ValueError(f"{b} rows cannot be split over {dp} data-parallel ranks")
+        n = b // dp
+        return {
+            k: (v[rank * n : (rank + 1) * n] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        }
+
+    def _reports(self) -> bool:
+        return (
+            self.ps.is_pipeline_last_stage(ignore_virtual=True)
+            and self.ps.get_tensor_model_parallel_rank() == 0
+        )
+
+    def compute_log_prob(self, batch: dict, entropy: bool, weights: str):
+        out = self.actor.compute_log_prob(
+            self._shard(batch), entropy=entropy, broadcast=False, weights=weights
+        )
+        return (self.ps.get_data_parallel_rank(), out) if self._reports() else None
+
+    def train_step(self, batch: dict, loss_cfg, step: int, inject_nan: bool):
+        return self.actor.train_step(self._shard(batch), loss_cfg, step=step, inject_nan=inject_nan)
+
+    def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
+        """Stream the HF-named weights into the engines; every rank drives the export's collectives."""
+        import time
+
+        from pipeline.actor.export import export_hf_buckets
+
+        t0 = time.perf_counter()
+        buckets = export_hf_buckets(self.actor, self.hf_config, bucket_bytes=bucket_bytes)
+        nbytes = 0
+        if self.rank != 0:
+            for _ in buckets:  # only rank 0 yields; the others take part in the gathers
+                pass
+            return {}
+        if target["kind"] == "local":
+            workers = target["workers"]
+            ray.get([w.begin_weight_update.remote() for w in workers])
+            for bucket in buckets:
+                ref = ray.put(bucket)  # one copy in the object store, read by every engine
+                ray.get([w.load_weights.remote(ref) for w in workers])
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            ray.get([w.end_weight_update.remote(version) for w in workers])
+        else:
+            from dataclasses import replace
+
+            from pipeline.rollout import SGLangEngine
+
+            if not hasattr(self, "_sglang"):  # one client, one weight-update group, for the run
+                cfg = replace(target["cfg"], sync_master_addr=ray.util.get_node_ip_address())
+                self._sglang = SGLangEngine.attach(cfg, target["urls"], eos_token_ids=[])
+            self._sglang.update_weights((kv for bucket in buckets for kv in bucket), version)
+            nbytes = int(self._sglang.metrics["sync/mb"] * (1 << 20))
+        dt = time.perf_counter() - t0
+        return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
+
+    def save_checkpoint(self, path: str, extra: dict):
+        self.actor.save_checkpoint(path, extra)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self.actor.load_checkpoint(path)
+
+
+class ActorGroup:
+    def __init__(self, actor_cfg, hf_dir: str, pg, plan: placement.Plan, *, reference: bool = False):
+        backend = "nccl" if plan.actor_gpus else "gloo"
+        world_size = len(plan.actor_bundles)
+        self.workers = [
+            ActorWorker.options(
+                num_cpus=plan.actor_cpus,
+                num_gpus=plan.actor_gpus,
+                scheduling_strategy=placement.in_bundle(pg, b),
+            ).remote(i, world_size, actor_cfg, hf_dir, backend, reference)
+            for i, b in enumerate(plan.actor_bundles)
+        ]
+        master = ray.get(self.workers[0].address.remote())
+        self.infos = ray.get([w.start.remote(master) for w in self.workers])
+        self.dp_size = self.infos[0]["dp_size"]
+
+    def _all(self, method: str, *args):
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def compute_log_prob(self, batch: dict, *, entropy: bool = True, weights: str = "current") -> dict:
+        ref = ray.put(batch)
+        parts = sorted(
+            (p for p in self._all("compute_log_prob", ref, entropy, weights) if p is not None),
+            key=lambda p: p[0],
+        )
+        return {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+
+    def train_step(self, batch: dict, loss_cfg, step: int, *, inject_nan: bool = False) -> dict:
+        return self._all("train_step", ray.put(batch), loss_cfg, step, inject_nan)[0]
+
+    def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
+        return self._all("sync_weights", target, version, bucket_bytes)[0]
+
+    def save_checkpoint(self, path: str, extra: dict) -> None:
+        self._all("save_checkpoint", path, extra)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self._all("load_checkpoint", path)[0]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

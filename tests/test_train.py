@@ -1,0 +1,155 @@
+"""`python -m pipeline train` end to end on the CPU demo: Ray, Megatron TP=2 over gloo, the engine.
+
+Every run here is the real command line in its own process group (tests/demo.py), on the demo's
+model and a copy of its prompts with bad rows added. Base: 4 steps of 8 prompts x 4 samples, an
+evaluation and a checkpoint every 2 steps, a NaN loss injected at step 3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+from pipeline import checkpoint
+from tests.demo import DEMO, REPO, Run, deterministic, ensure_demo_model, metrics, train, train_command
+from tests.rollout.sglang_support import SERVER_PYTHON, needs_sglang
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
+
+BAD_ROWS = [
+    '{"prompt": "1+2=?"}',  # no ground truth
+    "{not json",
+    json.dumps({"prompt": "9" * 200 + "+1=?", "answer": "1"}),  # longer than max_prompt_tokens
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tiny = ensure_demo_model()
+    d = tmp_path_factory.mktemp("data")
+    rows = (tiny / "train.jsonl").read_text().splitlines()[:300]
+    (d / "train.jsonl").write_text("\n".join(rows[:5] + BAD_ROWS + rows[5:]) + "\n")
+    return d / "train.jsonl"
+
+
+def base(data, *extra: str) -> list[str]:
+    return [
+        f"data.train_files=[{data}]",
+        *("trainer.steps=4", "trainer.prompts_per_step=8", "trainer.samples_per_prompt=4"),
+        *("trainer.eval_every=2", "trainer.eval_prompts=16", "trainer.eval_samples=2"),
+        *("trainer.checkpoint_every=2", "trainer.inject_nan_at_steps=[3]", "trainer.max_nan_steps=1"),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """The uninterrupted reference run: (run_dir, output)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    code, out = train(DEMO, run_dir, *base(data))
+    assert code == 0, out[-5000:]
+    return run_dir, out
+
+
+def test_demo_run_logs_every_metric_skips_the_nan_step_and_checkpoints(straight, data):
+    run_dir, out = straight
+    m = metrics(run_dir)
+    assert sorted(m) == [0, 1, 2, 3, 4]
+    # bad dataset rows: counted, named by file and line, skipped
+    assert m[0]["data/skipped_rows"] == 3 and m[0]["data/prompts"] == 300
+    for line, reason in ((6, "missing field"), (7, "invalid JSON"), (8, "prompt too long")):
+        assert f"{data}:{line}: {reason}" in out
+    for step in (1, 2, 4):
+        row = m[step]
+        assert 0.0 <= row["reward/acc"] <= 1.0 and row["reward/format"] > 0.5
+        loss_metrics = {k: v for k, v in row.items() if k.startswith("actor/")}
+        assert {"actor/loss", "actor/pg_loss", "actor/pg_clipfrac", "actor/grad_norm", "actor/lr"} <= set(
+            loss_metrics
+        )
+        assert all(isinstance(v, int | float) and math.isfinite(v) for v in loss_metrics.values()), (
+            loss_metrics
+        )
+        assert row["actor/skipped_nonfinite"] == 0 and row["sync/version"] == step
+        assert row["sync/probe_max_abs_diff"] < 1e-4
+        assert row["mismatch/logprob_mean_abs"] < 1e-4
+        assert {"entropy/mean", "entropy/p10", "entropy/p50", "entropy/p90"} <= set(row)
+        assert {"time/rollout", "time/old_log_prob", "time/update", "time/weight_sync"} <= set(row)
+    # the injected NaN: reported, no update (no weight sync), and the run went on
+    assert m[3]["actor/skipped_nonfinite"] == 1 and m[3]["actor/nonfinite"] == 1
+    assert "sync/version" not in m[3] and m[3]["actor/loss"] == "nan"
+    assert "non-finite loss or gradient, update skipped" in out
+    for step in (0, 2, 4):
+        assert 0.0 <= m[step]["eval/acc"] <= m[step]["eval/pass@2"] <= 1.0
+    assert checkpoint.latest_complete(run_dir / "checkpoints")[0] == 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "config.json").read_text())["actor"]["tp"] == 2
+
+
+def test_a_resumed_run_continues_identically(straight, data, tmp_path):
+    reference = metrics(straight[0])
+    run_dir = tmp_path / "run"
+    code, out = train(DEMO, run_dir, *base(data, "trainer.steps=2"))
+    assert code == 0, out[-5000:]
+    code, out = train(DEMO, run_dir, *base(data))
+    assert code == 0, out[-5000:]
+    assert "resumed from" in out and "(step 2)" in out
+    resumed = metrics(run_dir)
+    assert sorted(resumed) == [0, 1, 2, 3, 4]  # no step logged twice, none missing
+    for step in range(5):
+        assert deterministic(resumed[step]) == deterministic(reference[step]), step
+
+
+def test_killed_mid_checkpoint_resumes_from_the_last_complete_one(straight, data, tmp_path):
+    """SIGKILL the whole job while step 3's checkpoint is being written; the rerun ignores it."""
+    run_dir = tmp_path / "run"
+    cmd = train_command(DEMO, run_dir, *base(data, "trainer.checkpoint_every=1"))
+    run = Run(cmd, tmp_path / "killed.log")
+    partial = checkpoint.partial_dir(run_dir / "checkpoints", 3)
+    deadline = time.time() + 600
+    while not partial.exists():
+        assert run.proc.poll() is None, run.output[-5000:]
+        assert time.time() < deadline, "step 3's checkpoint never started"
+        time.sleep(0.02)
+    run.stop()  # the driver, its Ray daemons and the Megatron ranks, at once
+    assert partial.exists() and checkpoint.latest_complete(run_dir / "checkpoints")[0] == 2
+
+    code, out = train(DEMO, run_dir, *base(data, "trainer.checkpoint_every=1"))
+    assert code == 0, out[-5000:]
+    assert "(step 2)" in out and not partial.exists()
+    final = metrics(run_dir)
+    reference = metrics(straight[0])
+    assert sorted(final) == [0, 1, 2, 3, 4]
+    for step in range(5):  # nothing lost or changed by the kill
+        assert deterministic(final[step]) == deterministic(reference[step]), step
+
+
+def test_repeated_nan_steps_stop_the_run_with_a_clear_message(data, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out = train(DEMO, run_dir, *base(data, "trainer.inject_nan_at_steps=[1,2]", "trainer.eval_every=0"))
+    assert code == 1, out[-3000:]
+    assert "2 steps in a row with a non-finite loss or gradient (trainer.max_nan_steps=1)" in out
+    assert checkpoint.latest_complete(run_dir / "checkpoints") is None
+
+
+@needs_sglang
+def test_the_sglang_recipe_trains_against_a_real_server(data, tmp_path):
+    """configs/demo_cpu_sglang.yaml: rollout on SGLang 0.5.23 (CPU), weights broadcast over gloo."""
+    run_dir = tmp_path / "run"
+    code, out = train(
+        REPO / "configs" / "demo_cpu_sglang.yaml",
+        run_dir,
+        *base(data, "trainer.steps=2", "trainer.eval_every=0", "trainer.checkpoint_every=0"),
+        "trainer.inject_nan_at_steps=[]",
+        f"rollout.python={SERVER_PYTHON}",
+        timeout=900,
+    )
+    assert code == 0, out[-5000:]
+    m = metrics(run_dir)
+    for step in (1, 2):
+        assert m[step]["sync/version"] == step and m[step]["sync/probe_max_abs_diff"] < 1e-4
+        assert m[step]["mismatch/logprob_max_abs"] < 1e-3  # SGLang's sampled log-probs vs Megatron's
+        assert 0.0 <= m[step]["reward/acc"] <= 1.0 and math.isfinite(m[step]["actor/loss"])
