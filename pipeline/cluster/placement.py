@@ -6,9 +6,9 @@
     disaggregated the engines get bundles of their own: rollout and training overlap in time on
                   separate devices; weights travel between them after every step.
 
-On a CPU box a bundle is CPUs only, and the engine's CPUs are added to the bundle it shares
-(colocated) or form their own bundle (disaggregated). Ray's logical CPU count is what is planned
-here, not the physical one (`required_cpus`).
+On a CPU box a bundle is CPUs only: colocated, a rank and an engine each take half of a bundle's
+CPU (so the CPU demo's TP=2 job fits a 2-CPU Ray node); disaggregated, the engines' CPUs form
+bundles of their own. Ray's logical CPU count is what is planned here (`required_cpus`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Plan:
     actor_gpus: float  # Ray GPUs of one Megatron rank (a fraction when colocated)
     engine_gpus: float  # GPUs of one engine (its servers' devices; 0 on CPU)
     actor_cpus: float = 1.0  # Ray CPUs of one Megatron rank
+    engine_cpus: float = 0.5  # Ray CPUs of one engine (its owner actor)
 
     @property
     def required_cpus(self) -> float:
@@ -50,19 +51,19 @@ def plan(
             f"world_size={world_size}, num_engines={num_engines}, engine_tp={engine_tp}: must be >= 1"
         )
     if colocate:
+        # Each bundle is one device (a GPU, or a CPU slot on a CPU box) shared by a Megatron rank and,
+        # on the first bundles, an engine: each process asks for half of it, as the phases alternate.
         devices = max(world_size, num_engines * engine_tp)
         bundles = [{"CPU": actor_cpus, **({"GPU": 1} if gpus else {})} for _ in range(devices)]
         engine_bundles = [list(range(e * engine_tp, (e + 1) * engine_tp)) for e in range(num_engines)]
-        for group in engine_bundles:
-            bundles[group[0]]["CPU"] += engine_cpus
-        # Two processes share each GPU: Ray needs fractions that sum to <= 1 per bundle.
         return Plan(
             bundles,
             list(range(world_size)),
             engine_bundles,
             0.5 if gpus else 0,
             engine_tp if gpus else 0,
-            actor_cpus,
+            actor_cpus / 2,
+            actor_cpus / 2,
         )
     bundles = [{"CPU": actor_cpus, **({"GPU": 1} if gpus else {})} for _ in range(world_size)]
     engine_bundles = []
@@ -76,11 +77,20 @@ def plan(
         1 if gpus else 0,
         engine_tp if gpus else 0,
         actor_cpus,
+        engine_cpus,
     )
 
 
 def create(p: Plan, timeout_s: float = 600.0) -> PlacementGroup:
     """Reserve the bundles (PACK: as few nodes as possible); fail clearly if the cluster lacks them."""
+    have = ray.cluster_resources()
+    for kind in ("CPU", "GPU"):
+        need = sum(b.get(kind, 0) for b in p.bundles)
+        if need > have.get(kind, 0):
+            raise RuntimeError(
+                f"the job needs {need:g} {kind}s in {len(p.bundles)} bundles {p.bundles}; the Ray cluster has "
+                f"{have.get(kind, 0):g}: fewer trainer.world_size or rollout engines, or more nodes"
+            )
     pg = placement_group(p.bundles, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:

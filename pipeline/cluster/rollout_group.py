@@ -118,7 +118,7 @@ class RolloutGroup:
         if cfg.engine == "local":
             self.workers = [
                 LocalEngineWorker.options(
-                    num_cpus=cfg.engine_cpus,
+                    num_cpus=plan.engine_cpus,
                     num_gpus=0,
                     scheduling_strategy=placement.in_bundle(pg, bundles[0]),
                 ).remote(cfg.model_path, seed + e)
@@ -137,7 +137,7 @@ class RolloutGroup:
                     )
                 ]
             owner = SGLangWorker.options(
-                num_cpus=cfg.engine_cpus,
+                num_cpus=plan.engine_cpus,
                 num_gpus=0,  # the servers are subprocesses; their GPUs are the bundles' (gpu_ids)
                 scheduling_strategy=placement.in_bundle(pg, bundles[0]),
             )

@@ -23,7 +23,7 @@ class RolloutConfig:
     # --- which engine, where -------------------------------------------------------------------
     engine: str = "local"  # "local": in-process transformers engine (CPU demo); "sglang": servers
     colocate: bool = True  # engines share the actor's devices (memory released between phases)
-    engine_cpus: float = 0.5  # Ray CPUs per local engine / per SGLang engine owner
+    engine_cpus: float = 0.5  # Ray CPUs per engine when not colocated (colocated: half a bundle)
 
     # --- servers -------------------------------------------------------------------------------
     model_path: str = ""  # HF checkpoint the engines start from ("" in a recipe = actor.model_path)

@@ -7,9 +7,10 @@ from pipeline.cluster import placement
 
 def test_colocated_cpu_engines_share_the_first_ranks_bundles():
     p = placement.plan(2, 1, 1, colocate=True, gpus=False, engine_cpus=0.5)
-    assert p.bundles == [{"CPU": 1.5}, {"CPU": 1.0}]
+    assert p.bundles == [{"CPU": 1.0}, {"CPU": 1.0}]  # fits a 2-CPU node (the Slurm demo job)
     assert p.actor_bundles == [0, 1] and p.engine_bundles == [[0]]
-    assert p.actor_gpus == 0 and p.engine_gpus == 0 and p.required_cpus == 2.5
+    assert p.actor_cpus == 0.5 and p.engine_cpus == 0.5  # half a bundle each: the phases alternate
+    assert p.actor_gpus == 0 and p.engine_gpus == 0 and p.required_cpus == 2
 
 
 def test_colocated_gpu_engines_take_tp_consecutive_devices_of_the_actor():
@@ -28,7 +29,7 @@ def test_disaggregated_engines_get_bundles_of_their_own():
     p = placement.plan(4, 2, 2, colocate=False, gpus=True, engine_cpus=2)
     assert p.actor_bundles == [0, 1, 2, 3] and p.engine_bundles == [[4], [5]]
     assert p.bundles[4:] == [{"CPU": 2, "GPU": 2}, {"CPU": 2, "GPU": 2}]
-    assert p.actor_gpus == 1 and p.engine_gpus == 2
+    assert p.actor_gpus == 1 and p.engine_gpus == 2 and p.actor_cpus == 1 and p.engine_cpus == 2
 
 
 def test_bad_sizes_are_refused():
