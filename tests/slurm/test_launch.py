@@ -8,6 +8,7 @@ tests/slurm/standin_driver.py: the same command line and run directory as `pytho
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -19,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoint, submit
+from tests.demo import DEMO, ensure_demo_model
 from tests.slurm.conftest import REPO, ensure_apt_packages, port_block
+
+REAL = (
+    "trainer.checkpoint_every=1",
+    "trainer.eval_every=0",
+    "trainer.prompts_per_step=8",
+    "trainer.samples_per_prompt=4",
+)
 
 SCRIPTS = sorted([*(REPO / "slurm").glob("*.sh"), *(REPO / "slurm").glob("*.sbatch")])
 NODE_SH = REPO / "slurm" / "ray_node.sh"
@@ -144,21 +153,39 @@ def test_explicit_loopback_override_for_single_host_tests():
 
 # ---- real Slurm -------------------------------------------------------------------------------------
 class Job:
-    """One submission through the launcher; paths of its run directory."""
+    """One submission through the launcher; paths of its run directory.
 
-    def __init__(self, cluster, tmp_path: Path, nodes: int, steps: int, step_seconds: float, extra=()):
+    By default the driver is the stand-in (`tests/slurm/standin_driver.py`, seconds per step); with
+    `recipe` and `entry="pipeline"` it is the real `python -m pipeline train` on that recipe.
+    """
+
+    def __init__(
+        self,
+        cluster,
+        tmp_path: Path,
+        nodes: int,
+        steps: int,
+        step_seconds: float = 1.0,
+        extra=(),
+        *,
+        recipe: Path | None = None,
+        entry: str = "tests.slurm.standin_driver",
+        overrides=(),
+        time_limit: str = "10:00",
+    ):
         self.cluster, self.run_dir = cluster, tmp_path / "run"
-        recipe = tmp_path / "recipe.yaml"
-        recipe.write_text(f"trainer:\n  run_dir: {self.run_dir}\n  checkpoint_every: 1\n")
+        if recipe is None:
+            recipe = tmp_path / "recipe.yaml"
+            recipe.write_text(f"trainer:\n  run_dir: {self.run_dir}\n  checkpoint_every: 1\n")
         base = port_block(2200)
         cmd = [
             sys.executable, "-m", "pipeline", "submit", "--config", str(recipe), "--nodes", str(nodes),
-            "--time", "10:00", "--signal-seconds", "120", "--node-ip", "127.0.0.1",
+            "--time", time_limit, "--signal-seconds", "120", "--node-ip", "127.0.0.1",
             "--ray-port", str(base + 2100), "--port-base", str(base), "--port-stride", "1000",
-            "--wait-seconds", "120", "--entry", "tests.slurm.standin_driver",
+            "--wait-seconds", "120", "--entry", entry,
             "--env", f"RAY_TMP_BASE={cluster.ray_tmp}", "--env", "RAY_OBJECT_STORE_BYTES=80000000",
             "--env", f"STANDIN_NODES={nodes}", "--env", f"STANDIN_STEP_SECONDS={step_seconds}",
-            *extra, f"trainer.steps={steps}",
+            *extra, f"trainer.steps={steps}", f"trainer.run_dir={self.run_dir}", *overrides,
         ]  # fmt: skip
         r = cluster.run(*cmd, cwd=REPO, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -308,53 +335,53 @@ def test_loopback_interface_fails_the_job_loudly(slurm_cluster, tmp_path):
     assert "loopback address 127.0.0.1" in out and "FATAL" in out
 
 
-DEMO = REPO / "configs" / "demo_cpu.yaml"
+@pytest.mark.slow
+def test_real_rl_job_runs_on_the_slurm_ray_cluster(slurm_cluster, tmp_path):
+    """`python -m pipeline train` itself, the demo recipe for 2 steps, through the launcher on one node."""
+    ensure_demo_model()
+    job = Job(
+        slurm_cluster,
+        tmp_path,
+        nodes=1,
+        steps=2,
+        recipe=DEMO,
+        entry="pipeline",
+        overrides=REAL,
+        time_limit="20:00",
+    )
+    end = job.wait(timeout=900)
+    assert end["ExitCode"] == "0:0"
+    steps = [m["step"] for m in job.metrics()]
+    assert max(steps) == 2 and all(math.isfinite(m.get("actor/loss", 0.0)) for m in job.metrics())
+    assert checkpoint.latest_complete(job.run_dir / "checkpoints")[0] == 2
+    assert "[pipeline] done" in job.log("driver.log")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not DEMO.exists(), reason="configs/demo_cpu.yaml (the CPU demo recipe) does not exist yet"
-)
-def test_real_rl_job_runs_on_the_slurm_ray_cluster(slurm_cluster, tmp_path):
-    """`python -m pipeline train` itself, the demo recipe for 2 steps, through the launcher on one node."""
-    run_dir = tmp_path / "run"
-    base = port_block(2200)
-    r = slurm_cluster.run(
-        *[
-            sys.executable,
-            "-m",
-            "pipeline",
-            "submit",
-            "--config",
-            str(DEMO),
-            "--nodes",
-            "1",
-            "--time",
-            "20:00",
-        ],
-        *["--signal-seconds", "120", "--node-ip", "127.0.0.1", "--ray-port", str(base + 2100)],
-        *[
-            "--port-base",
-            str(base),
-            "--wait-seconds",
-            "120",
-            "--env",
-            f"RAY_TMP_BASE={slurm_cluster.ray_tmp}",
-        ],
-        *[
-            "trainer.steps=2",
-            "trainer.checkpoint_every=1",
-            "trainer.eval_every=0",
-            f"trainer.run_dir={run_dir}",
-        ],
-        cwd=REPO,
-        check=False,
+def test_real_rl_job_on_two_nodes_resumes_after_scontrol_requeue(slurm_cluster, tmp_path):
+    """The demo on a two-node Ray cluster; requeued mid-run, it restarts and resumes from its checkpoint."""
+    ensure_demo_model()
+    job = Job(
+        slurm_cluster,
+        tmp_path,
+        nodes=2,
+        steps=6,
+        recipe=DEMO,
+        entry="pipeline",
+        overrides=REAL,
+        time_limit="20:00",
     )
-    assert r.returncode == 0, r.stdout + r.stderr
-    job_id = r.stdout.split()[0]
-    end = slurm_cluster.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 900)
-    out = (run_dir / "slurm" / f"slurm-{job_id}.out").read_text()
-    assert end["JobState"] == "COMPLETED", out
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 2
-    assert checkpoint.latest_complete(run_dir / "checkpoints")[0] == 2
+    job.wait_until(_checkpointed(job, 2), "the checkpoint of step 2", timeout=600)
+    slurm_cluster.run("scontrol", "requeue", job.id)
+    end = job.wait(timeout=900)
+    assert end["Restarts"] == "1", end
+    assert "ready: 2/2 nodes, 4/4 CPUs" in job.log("wait.log") and "ready: 2/2 nodes" in job.log(
+        "wait.log", restart=1
+    )
+    driver = job.log("driver.log", restart=1)
+    assert "resumed from" in driver and "[pipeline] done" in driver
+    rows = [m for m in job.metrics() if "reward/acc" in m]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5, 6]  # every step once: resumed, not restarted
+    assert checkpoint.latest_complete(job.run_dir / "checkpoints")[0] == 6
+    time.sleep(2)
+    assert no_ray_left(slurm_cluster) == []
