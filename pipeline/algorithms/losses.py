@@ -461,9 +461,14 @@ def prepare_loss(
 
     weight = aggregation_weights(cfg.loss_agg_mode, mask, n_tok, n_seq, length_const, dt)
     pg_weight, threshold_key = weight, None
+    # tokens the method treats specially (Clip-Cov's detached, KL-Cov's penalised, top-entropy's kept)
+    special = mask & ~fields["keep"] if "keep" in fields else torch.zeros_like(mask)
+    if fields.get("penalty") is not None:
+        special = special | (mask & (fields["penalty"] > 0))
     if cfg.top_entropy_ratio < 1.0:
         k = max(1, math.ceil(cfg.top_entropy_ratio * n_tok - 1e-9))
         sel, threshold_key = topk_mask(float_order_key(ent), mask, k, None, group)
+        special = special | sel
         if cfg.global_stats:  # paper / TRL: normaliser over all tokens
             pg_weight = weight * sel
         else:  # official 80/20 repo: the selected tokens are the aggregation mask of the call
@@ -497,6 +502,14 @@ def prepare_loss(
     if ent is not None:
         sums["entropy"] = ent.sum()
         sums["entropy_bonus"] = (weight * ent).sum()
+        # clip and selection fractions of the high-entropy ("forking", top 20 %) and the other tokens
+        high, _ = topk_mask(float_order_key(ent), mask, max(1, math.ceil(0.2 * n_tok - 1e-9)), None, group)
+        for name, part in (("high", high), ("low", mask & ~high)):
+            sums |= {
+                f"by_entropy/{name}_n": part.sum(),
+                f"by_entropy/{name}_clipped": (part & (clipped | clipped_lower)).sum(),
+                f"by_entropy/{name}_selected": (part & special).sum(),
+            }
     if ref is not None:
         kl = kl_estimate(cfg.kl_estimator, lp, ref)
         sums["kl"] = torch.where(mask, kl, 0).sum()
@@ -541,6 +554,11 @@ def _finish_metrics(cfg: LossConfig, v: dict[str, float], n_tok: float, n_seq: f
     if "adv_shaping/bonus_sum" in v:
         out["adv_shaping/bonus_mean"] = v.pop("adv_shaping/bonus_sum") / n_tok
         out["adv_shaping/cap_binding_frac"] = v.pop("adv_shaping/cap_binding") / n_tok
+    for name in ("high", "low"):
+        if f"by_entropy/{name}_n" in v:
+            n = max(v.pop(f"by_entropy/{name}_n"), 1.0)
+            out[f"by_entropy/{name}_clipfrac"] = v.pop(f"by_entropy/{name}_clipped") / n
+            out[f"by_entropy/{name}_selected_frac"] = v.pop(f"by_entropy/{name}_selected") / n
     out.update(v)  # remaining raw counts (clip_cov/candidates, clip_cov/selected, kl_cov/selected, ...)
     return out
 

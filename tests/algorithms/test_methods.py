@@ -439,3 +439,23 @@ def test_archer_zero_high_entropy_kl_coef_gives_no_kl_gradient_to_high_tokens():
                         ref_log_prob=b["ref_log_prob"])  # fmt: skip
     high = m & (plan.clip_low == 0.5)
     assert high.any() and torch.all(g[high] == 0) and torch.all(g[m & ~high] != 0)
+
+
+def test_clip_and_selection_fractions_by_entropy_group_add_up():
+    """by_entropy/{high,low}_*: the top-20 % entropy tokens vs the rest, counted on the same tokens."""
+    b = make_batch(seed=4, B=16, L=9)
+    b["entropy"] = b["entropy"] + 1e-3 * torch.arange(b["entropy"].numel(), dtype=b["entropy"].dtype).view_as(
+        b["entropy"]
+    )  # no ties: the high group is exactly the top fifth
+    n = int(b["response_mask"].sum())
+    n_high = math.ceil(0.2 * n)
+    _, m = policy_loss(LossConfig(top_entropy_ratio=0.2), **b)
+    assert m["by_entropy/high_selected_frac"] == 1.0 and m["by_entropy/low_selected_frac"] == 0.0
+    _, m = policy_loss(
+        LossConfig(method="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9), **b
+    )
+    picked = m["by_entropy/high_selected_frac"] * n_high + m["by_entropy/low_selected_frac"] * (n - n_high)
+    assert picked == pytest.approx(m["clip_cov/selected"])
+    _, m = policy_loss(LossConfig(clip_ratio_low=0.05, clip_ratio_high=0.05, clip_ratio_c=None), **b)
+    clipped = m["by_entropy/high_clipfrac"] * n_high + m["by_entropy/low_clipfrac"] * (n - n_high)
+    assert clipped == pytest.approx(m["pg_clipfrac"] * n) and m["pg_clipfrac"] > 0
