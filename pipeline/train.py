@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint, preemption
+from pipeline import checkpoint, preemption, telemetry
 from pipeline.batching import make_batch, split_rows
 from pipeline.data import PromptSampler, load_prompts
 from pipeline.filters import fill_batch
@@ -67,6 +67,8 @@ class Trainer:
             config=dataclasses.asdict(cfg),
         )
         self.step, self.nan_streak, self.group_counter = 0, 0, 0
+        self.dynamics = telemetry.RunningCorrelation()  # predicted vs measured entropy change
+        self.law_points: list[tuple[float, float]] = []  # (eval entropy, eval reward) per evaluation
         self._start_cluster()
         if not self._resume():
             self.sync_weights(0)  # the engines loaded the same HF weights: prove the mapping first
@@ -186,8 +188,9 @@ class Trainer:
             log.warning("step %d: nothing to train on (%s)", self.step + 1, {**out, **fit})
             return {"skipped": 1, **out, **timings}
         mask = batch["response_mask"]
+        watch = t.entropy_telemetry
         with timed(timings, "old_log_prob"):
-            old = self.actors.compute_log_prob(batch, entropy=True)
+            old = self.actors.compute_log_prob(batch, entropy=True, influence=watch)
         batch["old_log_prob"] = old["log_prob"]
         if self.needs_reference:
             with timed(timings, "ref_log_prob"):
@@ -212,8 +215,14 @@ class Trainer:
         if ok:
             if self.controller is not None:  # one update per RL step, from the old policy's log-probs
                 self.controller.update(_masked_mean(-batch["old_log_prob"], mask))
+            if watch:  # the same tokens under the updated policy: the entropy change that happened
+                with timed(timings, "entropy_telemetry"):
+                    new = self.actors.compute_log_prob(batch, entropy=True)
+                out.update(self._dynamics(batch, old, new))
             with timed(timings, "weight_sync"):
                 out.update(self.sync_weights(self.step + 1))
+        elif watch:
+            out.update(self._dynamics(batch, old, None))
         rewards = [s.meta["reward"] for s in samples]
         n = len(rewards)
         valid = mask.bool()
@@ -241,6 +250,30 @@ class Trainer:
             out["entropy_control/alpha_used"] = loss_cfg.entropy_coef
         return out
 
+    def _dynamics(self, batch: dict, old: dict, new: dict | None) -> dict:
+        """Covariance of log-prob and advantage, predicted vs measured entropy change (telemetry)."""
+        mask = batch["response_mask"]
+        out = {
+            f"entropy_dynamics/cov_{k}": v
+            for k, v in telemetry.covariance_stats(old["log_prob"], batch["advantages"], mask).items()
+        }
+        predicted = telemetry.predicted_entropy_change(
+            batch["advantages"], old["influence"], mask, self.cfg.actor.lr
+        )
+        out["entropy_dynamics/predicted_change"] = predicted
+        if new is not None:
+            measured = telemetry.masked_mean(new["entropy"], mask) - telemetry.masked_mean(
+                old["entropy"], mask
+            )
+            self.dynamics.add(predicted, measured)
+            out["entropy_dynamics/measured_change"] = measured
+            out["entropy_dynamics/pred_vs_measured_corr"] = self.dynamics.value()
+        high = telemetry.entropy_groups(old["entropy"], mask)
+        out["entropy_dynamics/high_entropy_share"] = telemetry.masked_mean(old["entropy"] * high, mask) / max(
+            telemetry.masked_mean(old["entropy"], mask), 1e-12
+        )  # the top fifth of tokens carries this share of the entropy
+        return out
+
     # ---- weight sync ---------------------------------------------------------------------------
     def sync_weights(self, version: int) -> dict:
         """Stream the actor's weights (HF names) into the engines as `version`, then check a probe."""
@@ -253,11 +286,9 @@ class Trainer:
             Sample(s[:n], s[n:], [0.0] * (len(s) - n), "stop", version)
             for s, n in zip(seqs, lens, strict=True)
         ]
-        batch = make_batch(samples, [0.0] * len(samples), pad_id=self.tokenizer.pad_token_id or 0)
-        unit = self.actors.dp_size * self.cfg.actor.micro_batch_size
-        pad = (-len(samples)) % unit
-        if pad:  # repeat the last row: the ranks need equal shares
-            batch = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in batch.items()}
+        batch = self._padded(
+            make_batch(samples, [0.0] * len(samples), pad_id=self.tokenizer.pad_token_id or 0)
+        )
         actor = self.actors.compute_log_prob(batch, entropy=False)["log_prob"]
         diff = max(
             abs(a - float(b))
@@ -297,13 +328,32 @@ class Trainer:
         rewards = self._rewards(samples, [p.ground_truth for p in self.eval_prompts for _ in range(k)])
         accs = [r.acc for r in rewards]
         per_prompt = [accs[i * k : (i + 1) * k] for i in range(len(self.eval_prompts))]
-        return {
+        out = {
             "eval/acc": sum(accs) / len(accs),
             f"eval/pass@{k}": sum(max(a) for a in per_prompt) / len(per_prompt),
             "eval/reward": sum(r.score for r in rewards) / len(rewards),
             "eval/response_length": sum(len(s.response_ids) for s in samples) / len(samples),
-            "time/eval": time.perf_counter() - t0,
         }
+        if t.entropy_telemetry:  # the policy's entropy on its own eval responses, and the law's fit
+            batch = self._padded(
+                make_batch(samples, [0.0] * len(samples), pad_id=self.tokenizer.pad_token_id or 0)
+            )
+            ent = self.actors.compute_log_prob(batch, entropy=True)["entropy"][: len(samples)]
+            out["eval/entropy"] = telemetry.masked_mean(ent, batch["response_mask"][: len(samples)])
+            self.law_points.append((out["eval/entropy"], out["eval/reward"]))
+            fit = telemetry.fit_entropy_law(*zip(*self.law_points, strict=True))
+            if fit is not None:
+                out.update({f"entropy_law/{k}": v for k, v in fit.items()})
+        out["time/eval"] = time.perf_counter() - t0
+        return out
+
+    def _padded(self, batch: dict) -> dict:
+        """`batch` with its last row repeated until the data-parallel ranks get equal shares."""
+        unit = self.actors.dp_size * self.cfg.actor.micro_batch_size
+        pad = (-batch["input_ids"].shape[0]) % unit
+        if pad:
+            batch = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in batch.items()}
+        return batch
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> dict:
@@ -319,6 +369,8 @@ class Trainer:
             "rollout": self.rollout.state_dict(),
             "nan_streak": self.nan_streak,
             "group_counter": self.group_counter,
+            "dynamics": self.dynamics.state_dict(),
+            "law_points": self.law_points,
         }
         checkpoint.commit(root, self.step, state, keep_last=self.cfg.trainer.keep_checkpoints)
         return {"time/checkpoint": time.perf_counter() - t0}
@@ -333,6 +385,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.rollout.load_state_dict(state["rollout"])
         self.nan_streak, self.group_counter = state["nan_streak"], state["group_counter"]
+        self.dynamics.load_state_dict(state["dynamics"])
+        self.law_points = [tuple(p) for p in state["law_points"]]
         if self.controller is not None and extra.get("controller"):
             self.controller.load_state_dict(extra["controller"])
         self.step = step
@@ -374,7 +428,7 @@ class Trainer:
                         self.nan_streak,
                     )
                 self.step += 1
-                if t.eval_every and self.step % t.eval_every == 0:
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
                     m.update(self.evaluate())
                 saved = t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps)
                 if saved:

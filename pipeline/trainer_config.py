@@ -32,6 +32,7 @@ class TrainerConfig:
     sync_tolerance: float = 1e-3  # max |engine - actor| log-prob on the probe after each sync
     ray_address: str | None = None  # None = a private Ray instance on 127.0.0.1; else join it
     ray_num_cpus: int | None = None  # CPUs Ray may use (None = all)
+    entropy_telemetry: bool = True  # covariance, predicted vs measured entropy change, R = -a e^H + b fit
     tensorboard: bool = True
     wandb_project: str | None = None  # W&B project; None = off
     seed: int = 0  # prompts order, sampling, everything seeded from it

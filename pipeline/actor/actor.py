@@ -215,7 +215,7 @@ class MegatronActor:
             forward_only=forward_only,
         )
 
-    def _token_stats(self, mb: dict, logits: torch.Tensor, *, entropy: bool = True):
+    def _token_stats(self, mb: dict, logits: torch.Tensor, *, entropy: bool = True, influence: bool = False):
         """Log-prob and entropy of the response tokens from this rank's logits shard [b, S, V/tp]."""
         s = mb["input_ids"].shape[1]
         r = mb["response_mask"].shape[1]
@@ -226,32 +226,42 @@ class MegatronActor:
             temperature=self.cfg.temperature,
             valid_vocab_size=self.hf_config["vocab_size"],
             entropy=entropy,
+            influence=influence,
         )
 
     # ------------------------------------------------------------------ verbs
 
     @torch.no_grad()
     def compute_log_prob(
-        self, batch: dict, *, entropy: bool = True, broadcast: bool = True, weights: str = "current"
+        self,
+        batch: dict,
+        *,
+        entropy: bool = True,
+        influence: bool = False,
+        broadcast: bool = True,
+        weights: str = "current",
     ) -> dict:
         """Per-token log-probs (and entropies) of the response tokens, no graph: {"log_prob": [B, R], ...}.
 
         Computed on the last pipeline stage; with `broadcast` every rank of the pipeline gets them.
+        `influence` adds the op's first-order entropy influence of each sampled token (telemetry).
         `weights="reference"` uses the frozen reference policy (`snapshot_reference`).
         """
         if weights == "reference":
             with self._reference_weights():
-                return self.compute_log_prob(batch, entropy=entropy, broadcast=broadcast)
+                return self.compute_log_prob(batch, entropy=entropy, influence=influence, broadcast=broadcast)
         if weights != "current":
             raise ValueError(f"weights={weights!r}: expected 'current' or 'reference'")
         for c in self.chunks:
             c.eval()
 
         def loss_fn(mb, logits):
-            out = self._token_stats(mb, logits, entropy=entropy)
+            out = self._token_stats(mb, logits, entropy=entropy, influence=influence)
             stats = {"log_prob": out.logprob}
             if entropy:
                 stats["entropy"] = out.entropy
+            if influence:
+                stats["influence"] = out.influence
             return logits.new_zeros((), dtype=torch.float32), stats
 
         try:

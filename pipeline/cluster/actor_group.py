@@ -81,9 +81,9 @@ class ActorWorker:
             and self.ps.get_tensor_model_parallel_rank() == 0
         )
 
-    def compute_log_prob(self, batch: dict, entropy: bool, weights: str):
+    def compute_log_prob(self, batch: dict, entropy: bool, influence: bool, weights: str):
         out = self.actor.compute_log_prob(
-            self._shard(batch), entropy=entropy, broadcast=False, weights=weights
+            self._shard(batch), entropy=entropy, influence=influence, broadcast=False, weights=weights
         )
         return (self.ps.get_data_parallel_rank(), out) if self._reports() else None
 
@@ -150,10 +150,12 @@ class ActorGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def compute_log_prob(self, batch: dict, *, entropy: bool = True, weights: str = "current") -> dict:
+    def compute_log_prob(
+        self, batch: dict, *, entropy: bool = True, influence: bool = False, weights: str = "current"
+    ) -> dict:
         ref = ray.put(batch)
         parts = sorted(
-            (p for p in self._all("compute_log_prob", ref, entropy, weights) if p is not None),
+            (p for p in self._all("compute_log_prob", ref, entropy, influence, weights) if p is not None),
             key=lambda p: p[0],
         )
         return {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
