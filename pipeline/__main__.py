@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load(Config, args.config, args.overrides)
+        cfg.check_job()
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

@@ -221,12 +221,15 @@ class Config:
         if not self.rollout.model_path:
             self.rollout.model_path = self.actor.model_path
 
-    def validate(self) -> None:
-        """Checks across sections (each section validated its own fields already)."""
+    def check_job(self) -> None:
+        """What a training job needs beyond a valid tree: a model and prompts (`train` calls this)."""
         if not self.actor.model_path:
             raise ConfigError("actor.model_path: set the Hugging Face model directory to train")
         if not self.data.train_files:
             raise ConfigError("data.train_files: list at least one .jsonl or .parquet file of prompts")
+
+    def validate(self) -> None:
+        """Checks across sections (each section validated its own fields already)."""
         if self.rollout.engine == "sglang" and self.actor.temperature != 1.0:
             raise ConfigError(
                 f"actor.temperature={self.actor.temperature} with rollout.engine=sglang: the servers' "

@@ -113,6 +113,7 @@ def _recipe(config: str, overrides: list[str], entry: str) -> dict:
             except ImportError:  # the typed tree is not assembled yet: the YAML checks above suffice
                 return data
             cfg = load(Config, config, list(overrides))
+            cfg.check_job()
             return {"trainer": {"run_dir": cfg.trainer.run_dir, "world_size": cfg.trainer.world_size}}
     except ConfigError as e:
         raise SubmitError(f"configuration error: {e}") from None

@@ -17,6 +17,7 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads_and_validates(recipe):
     cfg = load(Config, recipe)
+    cfg.check_job()
     assert cfg.actor.model_path and cfg.rollout.model_path
     assert cfg.trainer.world_size % (cfg.actor.tp * cfg.actor.pp) == 0
 
@@ -29,7 +30,7 @@ def test_the_rollout_engines_default_to_the_actors_model():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["actor.model_path="], "rollout.model_path: set the HF checkpoint directory the engines load"),
+        (["actor.model_path="], "actor.model_path: set the Hugging Face model directory"),
         (["data.train_files=[]"], "data.train_files: list at least one"),
         (["trainer.prompts_per_step=3"], "must be a multiple of actor.micro_batch_size x data-parallel size"),
         (["trainer.world_size=3"], "trainer.world_size=3 must be a multiple of actor.tp x actor.pp = 2"),
@@ -40,4 +41,4 @@ def test_the_rollout_engines_default_to_the_actors_model():
 )
 def test_bad_combinations_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load(Config, REPO / "configs" / "demo_cpu.yaml", overrides)
+        load(Config, REPO / "configs" / "demo_cpu.yaml", overrides).check_job()

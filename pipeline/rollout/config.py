@@ -67,11 +67,6 @@ class RolloutConfig:
             raise RolloutConfigError(f"rollout.engine={self.engine!r}: one of {ENGINES}")
         if self.engine_cpus <= 0:
             raise RolloutConfigError(f"rollout.engine_cpus={self.engine_cpus}: must be > 0")
-        if not self.model_path:
-            raise RolloutConfigError(
-                "rollout.model_path: set the HF checkpoint directory the engines load (a recipe defaults it to "
-                "actor.model_path)"
-            )
         if self.num_engines < 1 or self.tp_size < 1:
             raise RolloutConfigError(
                 f"rollout.num_engines={self.num_engines}, rollout.tp_size={self.tp_size}: both must be >= 1"

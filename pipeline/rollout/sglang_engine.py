@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.rollout.base import Sample, SamplingParams
-from pipeline.rollout.config import RolloutConfig
+from pipeline.rollout.config import RolloutConfig, RolloutConfigError
 from pipeline.rollout.server import (
     ManagedProcess,
     ServerError,
@@ -140,6 +140,8 @@ class SGLangEngine:
         attach_urls: list[str] | None = None,
     ):
         self.cfg = cfg.validate()
+        if not cfg.model_path and attach_urls is None:
+            raise RolloutConfigError("rollout.model_path: set the HF checkpoint directory the servers load")
         self.eos_token_ids = list(eos_token_ids or [])
         self.weight_version = 0
         self.metrics: dict[str, float] = {}

@@ -6,12 +6,14 @@ import pytest
 
 from pipeline.rollout import RolloutConfig, RolloutConfigError, SamplingParams, logprob_mismatch
 from pipeline.rollout.server import server_command, server_env
-from pipeline.rollout.sglang_engine import parse_output, sampling_payload
+from pipeline.rollout.sglang_engine import SGLangEngine, parse_output, sampling_payload
 
 
 def test_bad_configs_name_the_field():
     with pytest.raises(RolloutConfigError, match="model_path"):
-        RolloutConfig().validate()
+        SGLangEngine(RolloutConfig())  # refused before any server starts
+    with pytest.raises(RolloutConfigError, match="rollout.engine='vllm'"):
+        RolloutConfig(engine="vllm").validate()
     with pytest.raises(RolloutConfigError, match="sync_method"):
         RolloutConfig(model_path="m", sync_method="nccl").validate()
     with pytest.raises(RolloutConfigError, match="mem_fraction_static"):
