@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""PNG plots of one RL run (or several, overlaid) from their metrics.jsonl.
+
+    python tools/plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Writes into DIR (default: RUN_DIR/plots for one run, ./plots for several):
+
+    curves.png            entropy, training accuracy and held-out accuracy per step
+    reward_vs_entropy.png eval reward against eval entropy, with the fitted R = -a exp(H) + b
+    entropy_change.png    predicted (first-order, from the per-token influence) vs measured entropy
+                          change per step, and their running correlation
+
+Several runs are overlaid, labelled by directory name (tools/compare_methods.py uses this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.metrics import read_metrics  # noqa: E402
+from pipeline.telemetry import fit_entropy_law  # noqa: E402
+
+
+def merged(run_dir: Path) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for row in read_metrics(run_dir):
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+def series(rows: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(s, r[key]) for s, r in sorted(rows.items()) if isinstance(r.get(key), int | float)]
+    pts = [(s, float(v)) for s, v in pts if math.isfinite(float(v))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(runs: dict[str, dict], out: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (
+        ("entropy/mean", "entropy (response tokens, full vocabulary)"),
+        ("reward/acc_generated", "training accuracy (all samples)"),
+        ("eval/acc", "held-out accuracy"),
+    )
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for name, rows in runs.items():
+            x, y = series(rows, key)
+            if key == "reward/acc_generated" and not x:
+                x, y = series(rows, "reward/acc")
+            ax.plot(x, y, marker="o" if key == "eval/acc" else None, ms=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_reward_vs_entropy(runs: dict[str, dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, rows in runs.items():
+        steps = [s for s, r in sorted(rows.items()) if "eval/entropy" in r and "eval/reward" in r]
+        h = [float(rows[s]["eval/entropy"]) for s in steps]
+        r = [float(rows[s]["eval/reward"]) for s in steps]
+        (line,) = ax.plot(h, r, "o", ms=4, label=name)
+        fit = fit_entropy_law(h, r)
+        if fit is not None:
+            lo, hi = min(h), max(h)
+            grid = [lo + (hi - lo) * i / 50 for i in range(51)]
+            ax.plot(grid, [fit["b"] - fit["a"] * math.exp(x) for x in grid], color=line.get_color(), lw=1,
+                    label=f"{name}: a={fit['a']:.3g}, b={fit['b']:.3g}, R2={fit['r2']:.2f}")  # fmt: skip
+    ax.set_xlabel("policy entropy on eval responses")
+    ax.set_ylabel("eval reward")
+    ax.set_title("R = -a exp(H) + b")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "reward_vs_entropy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_entropy_change(runs: dict[str, dict], out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in runs.items():
+        steps = [
+            s
+            for s, r in sorted(rows.items())
+            if isinstance(r.get("entropy_dynamics/predicted_change"), float)
+            and isinstance(r.get("entropy_dynamics/measured_change"), float)
+        ]
+        pred = [rows[s]["entropy_dynamics/predicted_change"] for s in steps]
+        meas = [rows[s]["entropy_dynamics/measured_change"] for s in steps]
+        axes[0].plot(pred, meas, "o", ms=3, label=name)
+        x, y = series(rows, "entropy_dynamics/pred_vs_measured_corr")
+        axes[1].plot(x, y, label=name)
+    axes[0].set_xlabel("predicted dH (first order, plain PG step of size lr)")
+    axes[0].set_ylabel("measured dH (same tokens, after the update)")
+    axes[0].axhline(0, color="gray", lw=0.5)
+    axes[0].axvline(0, color="gray", lw=0.5)
+    axes[1].set_xlabel("RL step")
+    axes[1].set_ylabel("running correlation")
+    axes[1].set_ylim(-1.05, 1.05)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "entropy_change.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
+    runs = {}
+    for d in run_dirs:
+        if not (d / "metrics.jsonl").exists():
+            raise SystemExit(f"{d}: no metrics.jsonl (is this a run directory?)")
+        runs[d.name] = merged(d)
+    out = out or (run_dirs[0] / "plots" if len(run_dirs) == 1 else Path("plots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return [plot_curves(runs, out), plot_reward_vs_entropy(runs, out), plot_entropy_change(runs, out)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dirs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    for path in plot_runs(args.run_dirs, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
