@@ -43,6 +43,13 @@ def series(rows: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(runs: dict[str, dict], out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = (
@@ -60,11 +67,7 @@ def plot_curves(runs: dict[str, dict], out: Path) -> Path:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "curves.png")
 
 
 def plot_reward_vs_entropy(runs: dict[str, dict], out: Path) -> Path:
@@ -85,11 +88,7 @@ def plot_reward_vs_entropy(runs: dict[str, dict], out: Path) -> Path:
     ax.set_title("R = -a exp(H) + b")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "reward_vs_entropy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "reward_vs_entropy.png")
 
 
 def plot_entropy_change(runs: dict[str, dict], out: Path) -> Path:
@@ -116,11 +115,7 @@ def plot_entropy_change(runs: dict[str, dict], out: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "entropy_change.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "entropy_change.png")
 
 
 def plot_runs(run_dirs: list[Path], out: Path | None = None) -> list[Path]:

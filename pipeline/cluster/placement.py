@@ -50,31 +50,24 @@ def plan(
         raise ValueError(
             f"world_size={world_size}, num_engines={num_engines}, engine_tp={engine_tp}: must be >= 1"
         )
+    device = {"GPU": 1} if gpus else {}
     if colocate:
         # Each bundle is one device (a GPU, or a CPU slot on a CPU box) shared by a Megatron rank and,
         # on the first bundles, an engine: each process asks for half of it, as the phases alternate.
         devices = max(world_size, num_engines * engine_tp)
-        bundles = [{"CPU": actor_cpus, **({"GPU": 1} if gpus else {})} for _ in range(devices)]
+        bundles = [{"CPU": actor_cpus, **device} for _ in range(devices)]
         engine_bundles = [list(range(e * engine_tp, (e + 1) * engine_tp)) for e in range(num_engines)]
-        return Plan(
-            bundles,
-            list(range(world_size)),
-            engine_bundles,
-            0.5 if gpus else 0,
-            engine_tp if gpus else 0,
-            actor_cpus / 2,
-            actor_cpus / 2,
-        )
-    bundles = [{"CPU": actor_cpus, **({"GPU": 1} if gpus else {})} for _ in range(world_size)]
-    engine_bundles = []
-    for _ in range(num_engines):
-        engine_bundles.append([len(bundles)])
-        bundles.append({"CPU": engine_cpus, **({"GPU": engine_tp} if gpus else {})})
+        actor_gpus, actor_cpus, engine_cpus = (0.5 if gpus else 0), actor_cpus / 2, actor_cpus / 2
+    else:
+        bundles = [{"CPU": actor_cpus, **device} for _ in range(world_size)]
+        engine_bundles = [[world_size + e] for e in range(num_engines)]
+        bundles += [{"CPU": engine_cpus, **({"GPU": engine_tp} if gpus else {})} for _ in range(num_engines)]
+        actor_gpus = 1 if gpus else 0
     return Plan(
         bundles,
         list(range(world_size)),
         engine_bundles,
-        1 if gpus else 0,
+        actor_gpus,
         engine_tp if gpus else 0,
         actor_cpus,
         engine_cpus,

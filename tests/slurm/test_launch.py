@@ -335,20 +335,18 @@ def test_loopback_interface_fails_the_job_loudly(slurm_cluster, tmp_path):
     assert "loopback address 127.0.0.1" in out and "FATAL" in out
 
 
+def real_job(cluster, tmp_path: Path, nodes: int, steps: int) -> Job:
+    """The demo recipe through the launcher with `python -m pipeline train` as the driver."""
+    ensure_demo_model()
+    return Job(
+        cluster, tmp_path, nodes, steps, recipe=DEMO, entry="pipeline", overrides=REAL, time_limit="20:00"
+    )
+
+
 @pytest.mark.slow
 def test_real_rl_job_runs_on_the_slurm_ray_cluster(slurm_cluster, tmp_path):
     """`python -m pipeline train` itself, the demo recipe for 2 steps, through the launcher on one node."""
-    ensure_demo_model()
-    job = Job(
-        slurm_cluster,
-        tmp_path,
-        nodes=1,
-        steps=2,
-        recipe=DEMO,
-        entry="pipeline",
-        overrides=REAL,
-        time_limit="20:00",
-    )
+    job = real_job(slurm_cluster, tmp_path, nodes=1, steps=2)
     end = job.wait(timeout=900)
     assert end["ExitCode"] == "0:0"
     steps = [m["step"] for m in job.metrics()]
@@ -360,17 +358,7 @@ def test_real_rl_job_runs_on_the_slurm_ray_cluster(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_real_rl_job_on_two_nodes_resumes_after_scontrol_requeue(slurm_cluster, tmp_path):
     """The demo on a two-node Ray cluster; requeued mid-run, it restarts and resumes from its checkpoint."""
-    ensure_demo_model()
-    job = Job(
-        slurm_cluster,
-        tmp_path,
-        nodes=2,
-        steps=6,
-        recipe=DEMO,
-        entry="pipeline",
-        overrides=REAL,
-        time_limit="20:00",
-    )
+    job = real_job(slurm_cluster, tmp_path, nodes=2, steps=6)
     job.wait_until(_checkpointed(job, 2), "the checkpoint of step 2", timeout=600)
     slurm_cluster.run("scontrol", "requeue", job.id)
     end = job.wait(timeout=900)
