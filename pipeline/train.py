@@ -76,22 +76,28 @@ class Trainer:
     def _start_cluster(self) -> None:
         from pipeline.cluster import placement
         from pipeline.cluster.actor_group import ActorGroup
-        from pipeline.cluster.ray_env import init_ray
+        from pipeline.cluster.ray_env import init_ray, ray_gpus
         from pipeline.cluster.rollout_group import RolloutGroup
 
         cfg, t = self.cfg, self.cfg.trainer
         sglang = cfg.rollout.engine == "sglang"
-        self.plan = placement.plan(  # SGLang: one owner actor starts every server on its node
-            t.world_size,
-            1 if sglang else cfg.rollout.num_engines,
-            cfg.rollout.tp_size * cfg.rollout.num_engines if sglang else 1,
-            colocate=cfg.rollout.colocate,
-            gpus=torch.cuda.is_available(),
-            engine_cpus=cfg.rollout.engine_cpus,
-        )
+
+        def plan(gpus: bool):  # SGLang: one owner actor starts every server on its node
+            return placement.plan(
+                t.world_size,
+                1 if sglang else cfg.rollout.num_engines,
+                cfg.rollout.tp_size * cfg.rollout.num_engines if sglang else 1,
+                colocate=cfg.rollout.colocate,
+                gpus=gpus,
+                engine_cpus=cfg.rollout.engine_cpus,
+            )
+
         with tqdm(total=3, desc="starting Ray, Megatron ranks, engines", leave=False) as bar:
-            cpus = t.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(self.plan.required_cpus))
+            local_gpus = torch.cuda.is_available()
+            cpus = t.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(plan(local_gpus).required_cpus))
             init_ray(t.ray_address, num_cpus=cpus)
+            # GPUs as the Ray cluster has them (the driver itself may see none under srun --overlap)
+            self.plan = plan(ray_gpus() > 0)
             self.pg = placement.create(self.plan)
             bar.update(1)
             self.actors = ActorGroup(

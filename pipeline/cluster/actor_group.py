@@ -41,6 +41,9 @@ class ActorWorker:
         import megatron_patches
 
         actor_cfg, hf_dir, reference = self.args
+        if self.backend == "nccl":  # Ray made exactly this actor's GPU visible
+            torch.cuda.set_device(0)
+        self.device = torch.device("cuda", 0) if self.backend == "nccl" else torch.device("cpu")
         dist.init_process_group(
             self.backend, init_method=f"tcp://{master}", rank=self.rank, world_size=self.world_size
         )
@@ -72,7 +75,8 @@ class ActorWorker:
             raise ValueError(f"{b} rows cannot be split over {dp} data-parallel ranks")
         n = b // dp
         return {
-            k: (v[rank * n : (rank + 1) * n] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+            k: (v[rank * n : (rank + 1) * n].to(self.device) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()
         }
 
     def _reports(self) -> bool:
@@ -85,7 +89,9 @@ class ActorWorker:
         out = self.actor.compute_log_prob(
             self._shard(batch), entropy=entropy, influence=influence, broadcast=False, weights=weights
         )
-        return (self.ps.get_data_parallel_rank(), out) if self._reports() else None
+        if not self._reports():
+            return None
+        return self.ps.get_data_parallel_rank(), {k: v.cpu() for k, v in out.items()}
 
     def train_step(self, batch: dict, loss_cfg, step: int, inject_nan: bool):
         return self.actor.train_step(self._shard(batch), loss_cfg, step=step, inject_nan=inject_nan)
