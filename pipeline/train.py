@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import checkpoint, preemption, telemetry
+from pipeline.algorithms.controller import measure_entropy
 from pipeline.batching import make_batch, split_rows
 from pipeline.data import PromptSampler, load_prompts
 from pipeline.filters import fill_batch
@@ -67,6 +68,7 @@ class Trainer:
             config=dataclasses.asdict(cfg),
         )
         self.step, self.nan_streak, self.group_counter = 0, 0, 0
+        self.weight_version = 0  # of the weights the engines serve (set by each verified sync)
         self.dynamics = telemetry.RunningCorrelation()  # predicted vs measured entropy change
         self.law_points: list[tuple[float, float]] = []  # (eval entropy, eval reward) per evaluation
         self._start_cluster()
@@ -146,6 +148,17 @@ class Trainer:
             )
         out = {f"sampling/{k}": v for k, v in stats.items()}
         out["reward/acc_generated"] = sum(seen) / len(seen)  # the policy's accuracy, unfiltered
+        # Samples from other weights than the last synced ones (an engine restarted mid-rollout
+        # reloads its start-up checkpoint): they are off-policy by more than the ratio knows.
+        stale = sum(s.weight_version != self.weight_version for s in samples)
+        out["rollout/stale_samples"] = stale / max(len(samples), 1)
+        if stale:
+            log.warning(
+                "%d of %d samples carry a weight version other than %d",
+                stale,
+                len(samples),
+                self.weight_version,
+            )
         return samples, out
 
     def _rewards(self, samples: list[Sample], truths: list[str]):
@@ -220,7 +233,7 @@ class Trainer:
         self.nan_streak = 0 if ok else self.nan_streak + 1
         if ok:
             if self.controller is not None:  # one update per RL step, from the old policy's log-probs
-                self.controller.update(_masked_mean(-batch["old_log_prob"], mask))
+                self.controller.update(measure_entropy(batch["old_log_prob"], mask))
             if watch:  # the same tokens under the updated policy: the entropy change that happened
                 with timed(timings, "entropy_telemetry"):
                     new = self.actors.compute_log_prob(batch, entropy=True)
@@ -307,6 +320,7 @@ class Trainer:
                 f"by {diff:.3g} > trainer.sync_tolerance={self.cfg.trainer.sync_tolerance}; the export mapping "
                 "or the engine's dtype is wrong"
             )
+        self.weight_version = version
         return {**out, "sync/probe_max_abs_diff": diff, "sync/version": version}
 
     def _probe(self) -> tuple[list[list[int]], list[int]]:
@@ -476,10 +490,6 @@ def quantiles(x: torch.Tensor, mask: torch.Tensor, qs=(0.1, 0.5, 0.9)) -> dict:
     if v.numel() == 0:
         return {}
     return {"mean": float(v.mean()), **{f"p{int(q * 100)}": float(torch.quantile(v, q)) for q in qs}}
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp_min(1))
 
 
 def _mean_metrics(rows: list[dict], prefix: str) -> dict:

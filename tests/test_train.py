@@ -73,10 +73,12 @@ def test_demo_run_logs_every_metric_skips_the_nan_step_and_checkpoints(straight,
             loss_metrics
         )
         assert row["actor/skipped_nonfinite"] == 0 and row["sync/version"] == step
-        assert row["sync/probe_max_abs_diff"] < 1e-4
+        assert row["sync/probe_max_abs_diff"] < 1e-4 and row["rollout/stale_samples"] == 0
         assert row["mismatch/logprob_mean_abs"] < 1e-4
         assert {"entropy/mean", "entropy/p10", "entropy/p50", "entropy/p90"} <= set(row)
         assert {"time/rollout", "time/old_log_prob", "time/update", "time/weight_sync"} <= set(row)
+        assert {"entropy_dynamics/cov_mean", "entropy_dynamics/predicted_change"} <= set(row)
+        assert math.isfinite(row["entropy_dynamics/measured_change"])
     # the injected NaN: reported, no update (no weight sync), and the run went on
     assert m[3]["actor/skipped_nonfinite"] == 1 and m[3]["actor/nonfinite"] == 1
     assert "sync/version" not in m[3] and m[3]["actor/loss"] == "nan"
