@@ -151,7 +151,9 @@ class MegatronActor:
     @contextlib.contextmanager
     def _reference_weights(self):
         if self._reference is None:
-            raise RuntimeError("no reference policy: call snapshot_reference() (or load a checkpoint) first")
+            raise RuntimeError(
+                "no reference policy: call snapshot_reference() first (on the initial weights)"
+            )
         params = self._params()
         current = [p.detach().to("cpu", copy=True) for p in params]
         with torch.no_grad():
