@@ -81,12 +81,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def merged_metrics(run_dir: str | Path) -> dict[int, dict]:
+    """metrics.jsonl merged per step (a step may have several lines: data, eval, train, checkpoint)."""
+    out: dict[int, dict] = {}
+    for row in read_metrics(run_dir):
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
 def curve_table(run_dir: str | Path, keys: tuple[str, ...] | None = None) -> str:
     """A Markdown table of the evaluated steps: what the run printed at its end (and the README shows)."""
-    merged: dict[int, dict] = {}
-    for row in read_metrics(run_dir):
-        merged.setdefault(row["step"], {}).update(row)
-    rows = [(s, r) for s, r in sorted(merged.items()) if any(k.startswith("eval/") for k in r)]
+    rows = [
+        (s, r) for s, r in sorted(merged_metrics(run_dir).items()) if any(k.startswith("eval/") for k in r)
+    ]
     if not rows:
         return ""
     keys = keys or tuple(

@@ -147,6 +147,7 @@ class Trainer:
                 one_round, t.prompts_per_step, t.max_gen_rounds, enabled=t.dynamic_sampling
             )
         out = {f"sampling/{k}": v for k, v in stats.items()}
+        out.update(self.rollout.metrics())  # SGLang: rollout/{time_s,tokens_per_s,retries,engine_restarts}
         out["reward/acc_generated"] = sum(seen) / len(seen)  # the policy's accuracy, unfiltered
         # Samples from other weights than the last synced ones (an engine restarted mid-rollout
         # reloads its start-up checkpoint): they are off-policy by more than the ratio knows.

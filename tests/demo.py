@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+from pipeline.metrics import merged_metrics
 from tests.processes import stop_marked
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,12 +80,9 @@ def train(config: Path, run_dir: Path, *overrides: str, timeout: float = 600) ->
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl merged per step (a step may have several lines: data, eval, train)."""
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row["step"], {}).update(row)
-    return out
+    """metrics.jsonl merged per step; the run must have written it."""
+    assert (run_dir / "metrics.jsonl").exists(), f"{run_dir}: no metrics.jsonl"
+    return merged_metrics(run_dir)
 
 
 def deterministic(row: dict) -> dict:

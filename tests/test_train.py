@@ -155,3 +155,4 @@ def test_the_sglang_recipe_trains_against_a_real_server(data, tmp_path):
         assert m[step]["sync/version"] == step and m[step]["sync/probe_max_abs_diff"] < 1e-4
         assert m[step]["mismatch/logprob_max_abs"] < 1e-3  # SGLang's sampled log-probs vs Megatron's
         assert 0.0 <= m[step]["reward/acc"] <= 1.0 and math.isfinite(m[step]["actor/loss"])
+        assert m[step]["rollout/tokens_per_s"] > 0 and m[step]["rollout/retries"] == 0

@@ -26,15 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.metrics import read_metrics  # noqa: E402
+from pipeline.metrics import merged_metrics as merged  # noqa: E402
 from pipeline.telemetry import fit_entropy_law  # noqa: E402
-
-
-def merged(run_dir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for row in read_metrics(run_dir):
-        out.setdefault(row["step"], {}).update(row)
-    return out
 
 
 def series(rows: dict[int, dict], key: str) -> tuple[list[int], list[float]]:

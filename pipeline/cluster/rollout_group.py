@@ -71,7 +71,6 @@ class SGLangWorker:
 
         if gpu_ids is not None:  # the servers use exactly the GPUs of this engine's bundles
             cfg = replace(cfg, env={**cfg.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))})
-        self.cfg = cfg
         self.engine = SGLangEngine(cfg, eos_token_ids=eos_token_ids)
 
     def urls(self) -> list[str]:
@@ -84,7 +83,8 @@ class SGLangWorker:
         return self.engine.logprobs(sequences, prompt_lens, temperature)
 
     def metrics(self) -> dict:
-        return dict(self.engine.metrics)
+        """The last rollout's numbers (SGLangEngine keeps sync numbers there too: left out)."""
+        return {k: v for k, v in self.engine.metrics.items() if k.startswith("rollout/")}
 
     def release_memory(self) -> None:
         self.engine.release_memory()
