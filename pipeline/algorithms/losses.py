@@ -315,7 +315,7 @@ def aggregation_weights(mode: str, mask: Tensor, n_tokens: float, n_seqs: float,
     token-mean              m / N                 (N = valid tokens of the mini-batch, all ranks)
     seq-mean-token-mean     m / (|o_i| * B)       (B = non-empty responses of the mini-batch, as verl)
     seq-mean-token-sum      m / B
-    seq-mean-token-sum-norm m / L_const           (Dr.GRPO; not divided by B, as verl)
+    seq-mean-token-sum-norm m / (L_const * B)     (Dr.GRPO: 1/G over responses kept; verl PR #5417)
     """
     mf = mask.to(dtype)
     if mode == "token-mean":
@@ -326,7 +326,7 @@ def aggregation_weights(mode: str, mask: Tensor, n_tokens: float, n_seqs: float,
     if mode == "seq-mean-token-sum":
         return mf / n_seqs
     if mode == "seq-mean-token-sum-norm":
-        return mf / length_const
+        return mf / (length_const * n_seqs)
     raise ValueError(f"unknown loss_agg_mode {mode!r}; expected one of {list(LOSS_AGG_MODES)}")
 
 
