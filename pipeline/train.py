@@ -259,7 +259,7 @@ class Trainer:
                     [batch["rollout_log_prob"][i][valid[i]].tolist() for i in range(len(valid))],
                     [old["log_prob"][i][valid[i]].tolist() for i in range(len(valid))],
                 ),
-                **{f"entropy/{k}": v for k, v in quantiles(old["entropy"], mask).items()},
+                **{f"entropy/{k}": v for k, v in telemetry.token_quantiles(old["entropy"], mask).items()},
                 "actor/skipped_nonfinite": int(not ok),
                 **timings,
             }
@@ -484,13 +484,6 @@ def timed(timings: dict, name: str):
     t = time.perf_counter()
     yield
     timings[f"time/{name}"] = time.perf_counter() - t
-
-
-def quantiles(x: torch.Tensor, mask: torch.Tensor, qs=(0.1, 0.5, 0.9)) -> dict:
-    v = x[mask.bool()].double()
-    if v.numel() == 0:
-        return {}
-    return {"mean": float(v.mean()), **{f"p{int(q * 100)}": float(torch.quantile(v, q)) for q in qs}}
 
 
 def _mean_metrics(rows: list[dict], prefix: str) -> dict:
