@@ -53,15 +53,22 @@ class HFWeights(Mapping):
         index = path / "model.safetensors.index.json"
         files: dict[str, Path] = {}
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no 'weight_map' mapping of tensor names to shard files")
             missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
             if missing:
                 raise ConversionError(f"{path}: shard file(s) {missing} listed in {index.name} are missing")
             files = {k: path / f for k, f in weight_map.items()}
         else:
             for f in sorted(path.glob("*.safetensors")):
-                with safe_open(f, framework="pt") as h:
-                    files.update(dict.fromkeys(h.keys(), f))
+                try:
+                    with safe_open(f, framework="pt") as h:
+                        files.update(dict.fromkeys(h.keys(), f))
+                except Exception as e:  # truncated or corrupt file
+                    raise ConversionError(
+                        f"{f}: cannot read this safetensors file ({e}); is it complete?"
+                    ) from e
         if not files:
             raise ConversionError(f"{path}: no *.safetensors weights found")
         self._files, self._shapes = files, {}
@@ -97,11 +104,26 @@ class HFWeights(Mapping):
         return len(self._files)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or ConversionError naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e}); is the file complete?") from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def read_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise ConversionError(f"{hf_dir}: no config.json")
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
+    return read_json(path)
 
 
 def check_hf(hf: HFWeights, hf_config: dict) -> list:
