@@ -19,6 +19,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in seen:
+            if isinstance(key, Hashable) and key in seen:
                 raise yaml.YAMLError(
                     f"line {line}: duplicate key {key!r} (first on line {seen[key]}); keep one"
                 )
