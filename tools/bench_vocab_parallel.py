@@ -18,6 +18,8 @@ w.r.t. the shard; see ``ADAPTERS``):
   fresh copy *outside* the measured call for every run).
 - ``naive``: all-gather the shards (nothing to gather at TP=1), float32 ``log_softmax``, gather the
   target, entropy = -(p * logp).sum; backward through autograd.
+- ``ours@REF`` (with ``--baseline REF``): the op as ``pipeline/ops/vocab_parallel.py`` was at git
+  revision REF (e.g. ``main``), side by side with the working tree's, to measure a change of the op.
 
 Per shape, input dtype and adapter it measures, on every rank (reported: max over ranks):
 
@@ -56,6 +58,7 @@ import os
 import platform
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -571,6 +574,21 @@ def _calibration_line(cal, label):
     return line
 
 
+def _baseline_adapter(path, ref):
+    """`ours` as it was at git revision `ref` (its op module, loaded from `path`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"vocab_parallel_at_{abs(hash(ref))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def fn(logits, target, group):
+        out = module.vocab_parallel_logprob_entropy(logits, target, tp_group=group)
+        return out.logprob, out.entropy
+
+    return Adapter(f"ours@{ref}", fn, entropy=True, devices=("cpu", "cuda"), note=f"logp + entropy, at {ref}")
+
+
 def _run_rank(rank, args):
     from megatron.core import parallel_state
 
@@ -588,6 +606,8 @@ def _run_rank(rank, args):
     t = args.tp
     records, skipped = [], []
     adapters_all = [a for a in ADAPTERS.values() if args.device in a.devices]
+    if args.baseline:
+        adapters_all.insert(1, _baseline_adapter(args.baseline_path, args.baseline))
     for n, vocab in args.shapes:
         v_local = vocab // t
         for dname in args.dtypes:
@@ -701,7 +721,7 @@ def _impl_of(adapter, device):
         from pipeline.ops.vocab_parallel import _triton_kernels
 
         return "triton" if device == "cuda" and _triton_kernels() is not None else "torch"
-    return "torch" if adapter.name == "ours_torch" else "-"
+    return "torch" if adapter.name == "ours_torch" else "-"  # ours@REF: whatever REF's "auto" does
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -908,6 +928,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--gemm-hidden", type=int, help="hidden size of the lm_head GEMMs timed in the calibration (0 = none)"
     )
+    p.add_argument(
+        "--baseline", metavar="REF", help="also run the op as it was at git revision REF (e.g. main)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick", action="store_true", help="small smoke shape (cpu 256 x 4096, cuda 4096 x 19008)"
@@ -946,6 +969,22 @@ def parse_args(argv=None):
     return args
 
 
+def _export_baseline(ref, directory):
+    """Write `pipeline/ops/vocab_parallel.py` as of git revision `ref` into `directory`; its path."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        ["git", "show", f"{ref}:pipeline/ops/vocab_parallel.py"], cwd=root, capture_output=True, text=True
+    )
+    if proc.returncode:
+        sys.exit(f"bench_vocab_parallel: --baseline {ref}: {proc.stderr.strip()}")
+    path = os.path.join(directory, "vocab_parallel_baseline.py")
+    with open(path, "w") as f:
+        f.write(proc.stdout)
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
@@ -958,7 +997,9 @@ def main(argv=None):
         flush=True,
     )
     t0 = time.time()
-    mp.spawn(_worker, args=(args, _free_port()), nprocs=args.tp, join=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.baseline_path = _export_baseline(args.baseline, tmp) if args.baseline else None
+        mp.spawn(_worker, args=(args, _free_port()), nprocs=args.tp, join=True)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
 
 

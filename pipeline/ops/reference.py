@@ -1,8 +1,9 @@
-"""The float64 reference of the vocab-parallel op and the hard cases every implementation must pass.
+"""The float64 reference of the vocab-parallel op, the hard cases every implementation must pass, and
+the check of one case with its tolerances.
 
 Used by the op's tests (both implementations) and by the node self-test
-(`tools/selftest_vocab_parallel.py`), so that a user's GPU node is checked on exactly the cases CI
-checks on CPU.
+(`tools/selftest_vocab_parallel.py`), so that a user's GPU node is checked on exactly the cases, and
+against exactly the tolerances, CI checks on CPU.
 """
 
 from __future__ import annotations
@@ -73,3 +74,88 @@ def hard_cases(n: int = 12, vocab: int = 96, max_tp: int = 4, seed: int = 1234):
     th = tgt(v // 2) + v // 2
     cases.append(("masked_shards", half, th, None, 1.0))
     return cases
+
+
+def case_errors(
+    z_full,
+    target,
+    valid,
+    temperature,
+    dtype,
+    rank,
+    tp,
+    group,
+    *,
+    impl="auto",
+    influence=True,
+    device="cpu",
+    chunk=None,
+    seed=0,
+):
+    """Run the op on this rank's shard of ``z_full`` (cast to ``dtype``, on ``device``) and return its
+    max abs errors against float64 on the very same values: log-prob, entropy (, influence), and the
+    gradients of ``logprob.sum()`` and of ``(logprob * a + entropy * b).sum()`` for random per-token
+    ``a``, ``b`` (with the largest reference gradient, the scale of bf16 rounding)."""
+    import pipeline.ops  # looked up at call time: the self-test's own test swaps the op
+
+    v_local = z_full.shape[-1] // tp
+    z_in = z_full.to(dtype)  # the values both the op and the reference see
+    shard = z_in[..., rank * v_local : (rank + 1) * v_local].to(device).requires_grad_()
+    out = pipeline.ops.vocab_parallel_logprob_entropy(
+        shard,
+        target.to(device),
+        tp_group=group,
+        temperature=temperature,
+        valid_vocab_size=valid,
+        influence=influence,
+        impl=impl,
+        chunk_elements=chunk,
+    )
+    zr = z_in.double().requires_grad_()
+    r_lp, r_ent, r_inf = reference(zr, target, temperature, valid)
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    b = torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    errs = {
+        "logprob": (out.logprob.double().cpu() - r_lp.detach()).abs().max().item(),
+        "entropy": (out.entropy.double().cpu() - r_ent.detach()).abs().max().item(),
+        "outputs_fp": [o.dtype for o in out if o is not None],
+    }
+    if out.influence is not None:
+        errs["influence"] = (out.influence.double().cpu() - r_inf.detach()).abs().max().item()
+    for name, (ours, ref) in {
+        "grad_logprob_sum": (out.logprob.sum(), r_lp.sum()),
+        "grad_mixed": (
+            (out.logprob.double() * a.to(device) + out.entropy.double() * b.to(device)).sum(),
+            (r_lp * a + r_ent * b).sum(),
+        ),
+    }.items():
+        (g_ours,) = torch.autograd.grad(ours, shard, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref, zr, retain_graph=True)
+        full_ref = torch.zeros_like(z_in, dtype=torch.float64)
+        full_ref[..., : g_ref.shape[-1]] = torch.nan_to_num(g_ref, posinf=0.0, neginf=0.0)
+        ref_shard = full_ref[..., rank * v_local : (rank + 1) * v_local]
+        errs[name] = (g_ours.double().cpu() - ref_shard).abs().max().item()
+        errs[name + "_scale"] = ref_shard.abs().max().item()
+        errs["grad_dtype"] = g_ours.dtype
+    return errs
+
+
+def tolerance_failures(errs, dtype) -> list[str]:
+    """What in ``case_errors``'s result is out of tolerance (empty = pass). fp32 input: 1e-5 on values
+    and gradients; bf16 input with fp32 accumulation: 1e-4 on values, gradients within bf16 rounding
+    (2^-8 relative to the largest gradient); outputs fp32, gradients in the input dtype."""
+    tol_val, tol_grad = (1e-5, 1e-5) if dtype == torch.float32 else (1e-4, None)
+    bad = []
+    for field in ("logprob", "entropy", "influence"):
+        if field in errs and not errs[field] <= tol_val:
+            bad.append(f"{field} error {errs[field]:.3g} > {tol_val}")
+    for field in ("grad_logprob_sum", "grad_mixed"):
+        tol = tol_grad if tol_grad is not None else 2**-8 * max(1.0, errs[field + "_scale"])
+        if not errs[field] <= tol:
+            bad.append(f"{field} error {errs[field]:.3g} > {tol:.3g}")
+    if errs["outputs_fp"] != [torch.float32] * (3 if "influence" in errs else 2):
+        bad.append(f"output dtypes {errs['outputs_fp']}")
+    if errs["grad_dtype"] != dtype:
+        bad.append(f"gradient dtype {errs['grad_dtype']} (input {dtype})")
+    return bad

@@ -191,8 +191,8 @@ def local_moments(logits, local_target, n_valid, inv_temp, want_influence, cdt):
     """
     n = logits.shape[0]
     k = 5 if want_influence else 3
-    m = torch.full((n,), float("-inf"), dtype=cdt, device=logits.device)
-    mom = torch.zeros((n, k), dtype=cdt, device=logits.device)
+    m = torch.empty((n,), dtype=cdt, device=logits.device)  # every row is written, shard or no shard
+    mom = torch.empty((n, k), dtype=cdt, device=logits.device)
     if n == 0:
         return m, mom
     block, warps = _launch_config(logits.shape[1])

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.ops import vocab_parallel_logprob_entropy
-from pipeline.ops.reference import hard_cases, reference
+from pipeline.ops.reference import case_errors, hard_cases, reference, tolerance_failures
 from pipeline.ops.vocab_parallel import default_chunk_elements
 from tests.distributed import run_distributed
 
@@ -21,70 +21,6 @@ def make_cases():
     return hard_cases(n=12, vocab=V, max_tp=4)
 
 
-def _check_case(
-    z_full,
-    target,
-    valid,
-    temperature,
-    dtype,
-    rank,
-    tp,
-    group,
-    chunk,
-    seed,
-    impl="torch",
-    influence=True,
-    device="cpu",
-):
-    """Run the op on this rank's shard (on `device`); return max errors vs the float64 reference."""
-    v_local = z_full.shape[-1] // tp
-    z_in = z_full.to(dtype)  # the values both the op and the reference see
-    shard = z_in[..., rank * v_local : (rank + 1) * v_local].to(device).requires_grad_()
-    out = vocab_parallel_logprob_entropy(
-        shard,
-        target.to(device),
-        tp_group=group,
-        temperature=temperature,
-        valid_vocab_size=valid,
-        influence=influence,
-        impl=impl,
-        chunk_elements=chunk,
-    )
-    zr = z_in.double().requires_grad_()
-    r_lp, r_ent, r_inf = reference(zr, target, temperature, valid)
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(target.shape, generator=gen, dtype=torch.float64)
-    b = torch.randn(target.shape, generator=gen, dtype=torch.float64)
-    out = type(out)(*(o.cpu() if o is not None else None for o in out))
-    errs = {
-        "logprob": (out.logprob.double() - r_lp.detach()).abs().max().item(),
-        "entropy": (out.entropy.double() - r_ent.detach()).abs().max().item(),
-    }
-    if influence:
-        errs["influence"] = (out.influence.double() - r_inf.detach()).abs().max().item()
-    else:
-        assert out.influence is None
-    # gradient of logprob.sum(), then of (logprob * a + entropy * b).sum()
-    for name, (ours, ref) in {
-        "grad_logprob_sum": (out.logprob.sum(), r_lp.sum()),
-        "grad_mixed": (
-            (out.logprob.double() * a + out.entropy.double() * b).sum(),
-            (r_lp * a + r_ent * b).sum(),
-        ),
-    }.items():
-        (g_ours,) = torch.autograd.grad(ours, shard, retain_graph=True)
-        g_ours = g_ours.cpu()
-        (g_ref,) = torch.autograd.grad(ref, zr, retain_graph=True)
-        full_ref = torch.zeros_like(z_in, dtype=torch.float64)
-        full_ref[..., : g_ref.shape[-1]] = torch.nan_to_num(g_ref, posinf=0.0, neginf=0.0)
-        ref_shard = full_ref[..., rank * v_local : (rank + 1) * v_local]
-        assert g_ours.dtype == dtype, (g_ours.dtype, dtype)
-        errs[name] = (g_ours.double() - ref_shard).abs().max().item()
-        errs[name + "_scale"] = ref_shard.abs().max().item()
-    errs["outputs_fp"] = [o.dtype for o in out if o is not None]
-    return errs
-
-
 def _all_cases(rank, tp, group, dtypes, chunks, impl="torch", influences=(True,), device="cpu"):
     results = {}
     for ci, (name, z, t, valid, temp) in enumerate(make_cases()):
@@ -92,9 +28,22 @@ def _all_cases(rank, tp, group, dtypes, chunks, impl="torch", influences=(True,)
             for chunk in chunks:
                 for infl in influences:
                     key = f"{name}/{str(dtype).split('.')[-1]}/chunk{chunk}/{impl}/influence={infl}"
-                    results[key] = _check_case(
-                        z, t, valid, temp, dtype, rank, tp, group, chunk, ci, impl, infl, device
+                    results[key] = case_errors(
+                        z,
+                        t,
+                        valid,
+                        temp,
+                        dtype,
+                        rank,
+                        tp,
+                        group,
+                        impl=impl,
+                        influence=infl,
+                        device=device,
+                        chunk=chunk,
+                        seed=ci,
                     )
+                    results[key]["dtype"] = dtype
     return results
 
 
@@ -105,18 +54,8 @@ def _worker(rank, world_size):
 
 def _assert_within_tolerance(results):
     for key, e in results.items():
-        if "/float32/" in key:
-            tol_val, tol_grad = 1e-5, 1e-5
-        else:  # bf16 input, fp32 accumulation: values 1e-4, gradients to bf16 rounding (2^-8 relative)
-            tol_val, tol_grad = 1e-4, None
-        for field in ("logprob", "entropy", "influence"):
-            if field not in e:
-                continue
-            assert e[field] <= tol_val, f"{key}: {field} error {e[field]:.3g} > {tol_val}"
-        for field in ("grad_logprob_sum", "grad_mixed"):
-            tol = tol_grad if tol_grad is not None else 2**-8 * max(1.0, e[field + "_scale"])
-            assert e[field] <= tol, f"{key}: {field} error {e[field]:.3g} > {tol:.3g}"
-        assert e["outputs_fp"] == [torch.float32] * (3 if "influence" in e else 2), key
+        bad = tolerance_failures(e, e["dtype"])
+        assert not bad, f"{key}: {'; '.join(bad)}"
 
 
 def test_tp1_matches_float64_reference_on_hard_cases():
