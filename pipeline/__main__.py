@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    from pipeline.checkpoint import check_resume_config
     from pipeline.config import Config, ConfigError, load
 
     try:
         cfg = load(Config, args.config, args.overrides)
         cfg.check_job()
+        check_resume_config(cfg)  # a resume with another config: refused before anything starts
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

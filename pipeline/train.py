@@ -12,7 +12,6 @@ config; the same command run again resumes from the newest complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ class Trainer:
         self.cfg, t = cfg, cfg.trainer
         self.run_dir = Path(t.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        checkpoint.adopt_config(cfg)  # refuses a resume whose config changed; keeps the old one
         random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.tokenizer, self.data_report = inputs.tokenizer, inputs.train_report
@@ -379,7 +378,8 @@ class Trainer:
         root = self.run_dir / "checkpoints"
         path = checkpoint.begin(root, self.step)
         self.actors.save_checkpoint(
-            str(path / "actor"), {"controller": self.controller.state_dict() if self.controller else None}
+            str(path / checkpoint.ACTOR_DIR),
+            {"controller": self.controller.state_dict() if self.controller else None},
         )
         state = {
             "step": self.step,
@@ -394,11 +394,26 @@ class Trainer:
         return {"time/checkpoint": time.perf_counter() - t0}
 
     def _resume(self) -> bool:
-        found = checkpoint.latest_complete(self.run_dir / "checkpoints")
+        found, skipped = checkpoint.latest_loadable(self.run_dir / "checkpoints")
+        if skipped:  # never deleted: a later save at that step moves it aside to step_N.bad
+            why = checkpoint.describe_skipped(skipped)
+            if found is None:
+                raise TrainingError(
+                    f"no checkpoint in {self.run_dir / 'checkpoints'} can be resumed from: {why}; "
+                    "move them aside to start the run over"
+                )
+            log.warning("resuming from %s: skipped the newer checkpoint(s) %s", found[1].name, why)
         if found is None:
             return False
         step, path = found
-        extra = self.actors.load_checkpoint(str(path / "actor"))
+        try:
+            extra = self.actors.load_checkpoint(str(path / checkpoint.ACTOR_DIR))
+        except Exception as e:  # passed the check, yet its contents are wrong: say which one
+            raise TrainingError(
+                f"checkpoint {path} passed the resume check but does not load ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); move it aside to resume "
+                "from an older one"
+            ) from e
         state = checkpoint.read_trainer_state(path)
         self.sampler.load_state_dict(state["sampler"])
         self.rollout.load_state_dict(state["rollout"])

@@ -26,7 +26,10 @@ class TrainerConfig:
     eval_samples: int = 4  # samples per eval prompt: accuracy and pass@k
     eval_temperature: float = 1.0  # sampling temperature at evaluation
     checkpoint_every: int = 20  # steps between checkpoints (0 = never); the last step always saves
-    keep_checkpoints: int = 2  # complete checkpoints kept
+    keep_checkpoints: int = 2  # checkpoints kept (the newest that pass the resume check; 0 = all)
+    allow_config_change: bool = (
+        False  # resume even if the config changed (old one kept as config.step_N.json)
+    )
     max_nan_steps: int = 3  # steps with a non-finite loss tolerated before the run stops
     sync_bucket_mb: int = 512  # weight-sync bucket size
     sync_tolerance: float = 1e-3  # max |engine - actor| log-prob on the probe after each sync
