@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     if args.command == "train":
+        from pipeline.cluster.reaper import own_processes
+
+        own_processes()  # whatever the job starts from here on is stopped when this process ends
         _prepare_demo_model(cfg)
         from pipeline import preemption
         from pipeline.train import Trainer, TrainingError

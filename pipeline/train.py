@@ -67,9 +67,13 @@ class Trainer:
         self.weight_version = 0  # of the weights the engines serve (set by each verified sync)
         self.dynamics = telemetry.RunningCorrelation()  # predicted vs measured entropy change
         self.law_points: list[tuple[float, float]] = []  # (eval entropy, eval reward) per evaluation
-        self._start_cluster()
-        if not self._resume():
-            self.sync_weights(0)  # the engines loaded the same HF weights: prove the mapping first
+        try:
+            self._start_cluster()
+            if not self._resume():
+                self.sync_weights(0)  # the engines loaded the same HF weights: prove the mapping first
+        except BaseException:  # a failed start stops what it started (servers run in their own session)
+            self.shutdown()
+            raise
 
     def _start_cluster(self) -> None:
         from pipeline.cluster import placement
@@ -483,11 +487,15 @@ class Trainer:
         return "done"
 
     def shutdown(self) -> None:
+        """Stop what was started (also after a start that failed half-way)."""
         import ray
 
-        self.rollout.shutdown()
-        self.actors.shutdown()
-        ray.util.remove_placement_group(self.pg)
+        if getattr(self, "rollout", None) is not None:
+            self.rollout.shutdown()
+        if getattr(self, "actors", None) is not None:
+            self.actors.shutdown()
+        if getattr(self, "pg", None) is not None:
+            ray.util.remove_placement_group(self.pg)
 
 
 # ---- small helpers ---------------------------------------------------------------------------------

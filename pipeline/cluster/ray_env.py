@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline.cluster.reaper import JOB_MARKER
+
 LOOPBACK_ENV = {
     # Without this Ray swaps 127.0.0.1 for the external interface and listens on all of them.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -26,6 +28,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # notices, printed once per rank, would bury the progress bars; real errors still show.
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning"),
     }
+    if JOB_MARKER in os.environ:  # a joined cluster's workers (and their servers) belong to the job too
+        worker_env[JOB_MARKER] = os.environ[JOB_MARKER]
     if address in (None, "", "local"):
         os.environ.update(LOOPBACK_ENV)
         worker_env.update(LOOPBACK_ENV)
