@@ -29,7 +29,7 @@ from pipeline.batching import make_batch, split_rows
 from pipeline.data import PromptSampler
 from pipeline.filters import fill_batch
 from pipeline.metrics import MetricsLogger
-from pipeline.rewards import compute_rewards, load_reward_fn
+from pipeline.rewards import RewardPool, compute_rewards
 from pipeline.rollout import Sample, SamplingParams, logprob_mismatch
 
 log = logging.getLogger("pipeline.train")
@@ -53,7 +53,7 @@ class Trainer:
         self.tokenizer, self.data_report = inputs.tokenizer, inputs.train_report
         self.eval_prompts = inputs.eval[: t.eval_prompts]
         self.sampler = PromptSampler(inputs.train, seed=t.seed)
-        self.reward_fn = load_reward_fn(cfg.reward.fn)
+        self.reward_pool = RewardPool(cfg.reward.fn, cfg.reward.workers, cfg.reward.timeout_s)
         self.controller = (
             AdaptiveEntropyController(cfg.entropy_control) if cfg.entropy_control.enabled else None
         )
@@ -148,6 +148,7 @@ class Trainer:
             )
         out = {f"sampling/{k}": v for k, v in stats.items()}
         out.update(self.rollout.metrics())  # SGLang: rollout/{time_s,tokens_per_s,retries,engine_restarts}
+        out.update(self.reward_pool.metrics())  # reward/{timeouts,errors}: scored as incorrect
         out["reward/acc_generated"] = sum(seen) / len(seen)  # the policy's accuracy, unfiltered
         # Samples from other weights than the last synced ones (an engine restarted mid-rollout
         # reloads its start-up checkpoint): they are off-policy by more than the ratio knows.
@@ -171,7 +172,7 @@ class Trainer:
             [len(s.response_ids) for s in samples],
             [s.truncated for s in samples],
             self.cfg.trainer.max_response_tokens,
-            fn=self.reward_fn,
+            pool=self.reward_pool,
         )
 
     def make_batch(self, samples: list[Sample]) -> tuple[dict, dict]:
@@ -365,6 +366,7 @@ class Trainer:
             fit = telemetry.fit_entropy_law(*zip(*self.law_points, strict=True))
             if fit is not None:
                 out.update({f"entropy_law/{k}": v for k, v in fit.items()})
+        out.update(self.reward_pool.metrics("eval/reward_"))
         out["time/eval"] = time.perf_counter() - t0
         return out
 
@@ -496,6 +498,7 @@ class Trainer:
             self.actors.shutdown()
         if getattr(self, "pg", None) is not None:
             ray.util.remove_placement_group(self.pg)
+        self.reward_pool.close()
 
 
 # ---- small helpers ---------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""Turn responses into rewards: task reward (math or a custom function), format reward, overlong shaping."""
+"""Turn responses into rewards: task reward (math or a custom function, scored in a worker pool under a
+per-response deadline: `pipeline.rewards.pool`), format reward, overlong shaping."""
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 from pipeline.rewards.math_reward import extract_answer, math_reward
 from pipeline.rewards.overlong import overlong_penalty
+from pipeline.rewards.pool import RewardPool
 
 
 @dataclass(kw_only=True, slots=True)
@@ -20,10 +23,18 @@ class RewardConfig:
     overlong_buffer: int = 0  # DAPO soft overlong punishment buffer L_cache in tokens; 0 = off
     overlong_factor: float = 1.0  # its maximum penalty f
     overlong_filter: bool = False  # mask truncated responses out of the loss (DAPO overlong filtering)
+    workers: int = 2  # processes scoring responses (0 = in the driver, without timeouts)
+    timeout_s: float = (
+        5.0  # per response: a slower one scores as incorrect (reward/timeouts), its worker is replaced
+    )
 
     def validate(self) -> None:
         if self.fn != "math" and ":" not in self.fn:
             raise ConfigError(f"fn={self.fn!r}: expected 'math' or an import path 'package.module:function'")
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers}: must be >= 0 (0 scores in the driver)")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"timeout_s={self.timeout_s}: must be a number of seconds > 0, e.g. 5")
         if self.overlong_buffer < 0:
             raise ConfigError(f"overlong_buffer={self.overlong_buffer}: must be >= 0")
 
@@ -35,6 +46,7 @@ class RewardResult:
     format_ok: bool
     overlong: float  # the shaping term included in score
     truncated: bool
+    status: str = "ok"  # of the task reward: "ok", "timeout" or "error" (both score as incorrect)
 
 
 def load_reward_fn(path: str) -> Callable[[str, str], dict]:
@@ -59,13 +71,15 @@ def compute_rewards(
     response_lengths: list[int],
     truncated: list[bool],
     max_response_tokens: int,
-    fn: Callable[[str, str], dict] | None = None,
+    pool: RewardPool | None = None,
 ) -> list[RewardResult]:
-    fn = fn or load_reward_fn(cfg.fn)
+    """Rewards of `responses`; task scores from `pool` (None: `cfg.fn` in this process)."""
+    if pool is None:
+        pool = RewardPool(cfg.fn, workers=0)
+    tasks = pool.score(responses, ground_truths)
     out = []
-    for text, gt, n, trunc in zip(responses, ground_truths, response_lengths, truncated, strict=True):
-        result = fn(text, gt)
-        acc = float(result["acc"] if isinstance(result, dict) else result)
+    for text, task, n, trunc in zip(responses, tasks, response_lengths, truncated, strict=True):
+        acc = task.acc
         score = (
             cfg.correct_score
             if acc >= 1.0
@@ -78,5 +92,5 @@ def compute_rewards(
             if cfg.overlong_buffer
             else 0.0
         )
-        out.append(RewardResult(score + pen, acc, fmt, pen, bool(trunc)))
+        out.append(RewardResult(score + pen, acc, fmt, pen, bool(trunc), task.status))
     return out
