@@ -7,17 +7,18 @@
 
 A reward function is user code (or sympy, behind math-verify) and may hang or raise. math-verify's
 own timeout is a `signal.alarm`, which works only on a process's main thread and cannot interrupt
-C code (a huge integer power never returns to the interpreter); it is off, and the pool enforces
-the deadline from outside instead: a response still running after `timeout_s` scores as incorrect
-with status "timeout", its worker is killed (SIGKILL, whatever it is stuck in) and replaced, and the
-rest of that worker's share goes to the others. A response whose function raises (or returns no
+C code (a regular expression that backtracks forever never returns to the interpreter); it is off,
+and the pool enforces the deadline from outside instead: a response still running after
+`timeout_s` scores as incorrect with status "timeout", its worker is killed (SIGKILL, whatever it is
+stuck in) and replaced, and the rest of that worker's share goes to the others. A response whose function raises (or returns no
 `acc`) scores as incorrect with status "error". The run goes on either way; only a function that
 raises on every response of a call stops it (`RewardFnError`), since that is a bug, not a response.
 
 Workers are spawned (fresh interpreters: the driver holds Ray's and torch's threads, which a fork
 would copy mid-flight) and get a share of the responses at a time, streaming back one result per
-response, so the deadline is per response while a message carries many. `workers=0` scores in
-this process, without deadlines (debugging, and callers that have no pool).
+response, so the deadline is per response while a message carries many. They start in the
+background (the driver starts Ray meanwhile); `score` gives work to each as it becomes ready.
+`workers=0` scores in this process, without deadlines (debugging, and callers that have no pool).
 """
 
 from __future__ import annotations
