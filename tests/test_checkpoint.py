@@ -63,6 +63,7 @@ def test_file_names_are_megatron_cores():
     assert (checkpoint.DIST_CONFIG, checkpoint.DIST_COMMON) == (CONFIG_FNAME, COMMON_STATE_FNAME)
 
 
+@pytest.mark.multiproc  # the megatron-core checkpoint is saved by 2 gloo ranks
 def test_a_complete_checkpoint_passes(actor_template, tmp_path):
     path = save(tmp_path, 2, actor_template)
     assert checkpoint.problem(path) is None
@@ -92,6 +93,7 @@ BREAKAGES = {
 }
 
 
+@pytest.mark.multiproc  # the megatron-core checkpoint is saved by 2 gloo ranks
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
 def test_resume_walks_back_past_a_bad_newest_checkpoint_and_keeps_it(breakage, actor_template, tmp_path):
     good = save(tmp_path, 2, actor_template)
@@ -110,6 +112,7 @@ def test_resume_walks_back_past_a_bad_newest_checkpoint_and_keeps_it(breakage, a
     assert after == before  # looked at, not touched
 
 
+@pytest.mark.multiproc  # the megatron-core checkpoint is saved by 2 gloo ranks
 def test_a_save_over_a_skipped_checkpoint_moves_it_aside(actor_template, tmp_path):
     save(tmp_path, 2, actor_template)
     bad = save(tmp_path, 4, actor_template)
@@ -131,6 +134,7 @@ def test_a_save_over_a_skipped_checkpoint_moves_it_aside(actor_template, tmp_pat
     assert (tmp_path / "step_000006.bad.1").is_dir()
 
 
+@pytest.mark.multiproc  # the megatron-core checkpoint is saved by 2 gloo ranks
 def test_keep_last_never_deletes_the_only_loadable_checkpoint(actor_template, tmp_path):
     save(tmp_path, 1, actor_template, keep_last=1)
     for step in (2, 3):  # saves that went wrong without an error (a disk that filled up)
@@ -145,6 +149,7 @@ def test_keep_last_never_deletes_the_only_loadable_checkpoint(actor_template, tm
     assert [s for s, _ in checkpoint.complete(tmp_path)] == [4]
 
 
+@pytest.mark.multiproc  # the megatron-core checkpoint is saved by 2 gloo ranks
 def test_checkpoint_keeps_the_last_k(actor_template, tmp_path):
     for step in (1, 2, 3, 4):
         save(tmp_path, step, actor_template, keep_last=2)
@@ -153,6 +158,7 @@ def test_checkpoint_keeps_the_last_k(actor_template, tmp_path):
     assert len(checkpoint.complete(tmp_path)) == 3
 
 
+@pytest.mark.multiproc  # the megatron-core checkpoint is saved by 2 gloo ranks
 def test_checkpoint_interrupted_mid_write_is_never_used(actor_template, tmp_path):
     save(tmp_path, 2, actor_template)
     p = checkpoint.begin(tmp_path, 4)

@@ -11,9 +11,9 @@ lead their own sessions), so the job keeps track of them itself:
 puts `PIPELINE_JOB_ID=<fresh uuid>` into the driver's environment, which every process it starts
 inherits (Ray hands it on to the raylet and the workers, the workers to the servers), and starts a
 small reaper: a child in its own session (Ctrl-C or a signal to the driver's group does not reach
-it) that, while the driver lives, notes every process below it in the process tree once a second,
-and when the driver has ended stops all of them and every process that carries the marker,
-SIGTERM first and SIGKILL after a grace period, until none is left. A normal exit goes the same
+it, and it ignores SIGTERM) that, while the driver lives, notes every process below it in the
+process tree once a second, and when the driver has ended stops all of them and every process that
+carries the marker, SIGTERM first and SIGKILL after a grace period, until none is left. A normal exit goes the same
 way: the reaper finds nothing, or what a clean shutdown left behind.
 
 Both are needed: a process that renames itself (Ray's agents call setproctitle) may overwrite the
@@ -176,8 +176,10 @@ def _watch(driver: int) -> dict[int, int]:
 
 
 def _reap(driver: int, job: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the driver
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the terminal closing
+    # A Ctrl-C meant for the driver, the terminal closing, a SIGTERM to every process of the job
+    # (scancel): the reaper outlives them all and exits by itself once it has done its work.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     known = _watch(driver)
 
     def targets(table):
