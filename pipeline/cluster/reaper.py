@@ -16,11 +16,16 @@ process tree once a second, and when the driver has ended stops all of them and 
 carries the marker, SIGTERM first and SIGKILL after a grace period, until none is left. A normal exit goes the same
 way: the reaper finds nothing, or what a clean shutdown left behind.
 
-Both are needed: a process that renames itself (Ray's agents call setproctitle) may overwrite the
-start of its environment block in /proc, marker included, while orphans lose their place in the
-tree the moment the driver dies; the tree, noted while the driver lives, finds the first, the
-marker the processes started in the last second. Process ids are checked against their start time,
-so an id reused since is left alone.
+Both are needed, and a third rule closes the gap between them: a process that renames itself
+(Ray's agents call setproctitle) may overwrite the start of its environment block in /proc, marker
+included, while orphans lose their place in the tree the moment the driver dies (Ray's raylet dies
+with the driver and leaves its agents to init). The tree, noted while the driver lives, finds the
+first; the marker finds the processes started since the last scan that kept it; and a process
+started since the last scan that renamed itself *and* was orphaned is found as one that is still
+in the driver's session (Ray's daemons do not leave it), started no earlier than one interval
+before that scan, and whose parent is no longer in that session. A process the user started
+beside the driver in the same session keeps its parent (the shell) and is left alone. Process ids
+are checked against their start time, so an id reused since is left alone.
 
 On a Ray cluster that the job joins (`trainer.ray_address`) the reaper sees the driver's node only;
 the marker still reaches this job's workers there, and Slurm ends the job's processes on the
@@ -149,9 +154,10 @@ def own_processes() -> str:
     return job
 
 
-def _watch(driver: int) -> dict[int, int]:
+def _watch(driver: int) -> tuple[dict[int, int], int]:
     """Until `driver` (this process's parent) has ended: pid -> start time of every process that
-    was below it in the tree and is still running."""
+    was below it in the tree and is still running, and the clock tick (since boot, as start times
+    count) of the last scan."""
     try:
         fd = os.pidfd_open(driver)
     except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): watch the parent id instead
@@ -160,8 +166,10 @@ def _watch(driver: int) -> dict[int, int]:
     if fd is not None:
         poller.register(fd, select.POLLIN)  # readable once the process has exited
     known: dict[int, int] = {}
+    scanned = _ticks()
     try:
         while os.getppid() == driver:  # (checked after pidfd_open: the fd is the parent's)
+            scanned = _ticks()
             table = process_table()
             known = {p: t for p, t in known.items() if p in table and table[p][1] == t}
             known.update({p: table[p][1] for p in descendants([driver], table) if p != os.getpid()})
@@ -172,7 +180,29 @@ def _watch(driver: int) -> dict[int, int]:
     finally:
         if fd is not None:
             os.close(fd)
-    return known
+    return known, scanned
+
+
+def _ticks() -> int:
+    """Now, in the clock ticks since boot that /proc/<pid>/stat counts start times in."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def orphans_since(session: int, since: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
+    """Processes of `session` that started at or after tick `since` and whose parent is no longer
+    in the session (re-parented to init or a subreaper when their own parent died)."""
+    return {
+        pid
+        for pid, (ppid, start, _) in table.items()
+        if start >= since and _session(pid) == session and _session(ppid) != session
+    }
 
 
 def _reap(driver: int, job: str) -> None:
@@ -180,11 +210,15 @@ def _reap(driver: int, job: str) -> None:
     # (scancel): the reaper outlives them all and exits by itself once it has done its work.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    known = _watch(driver)
+    session = _session(driver)
+    known, scanned = _watch(driver)
+    since = scanned - int(SCAN_INTERVAL_S * os.sysconf("SC_CLK_TCK"))  # a tick of slack between clocks
 
     def targets(table):
         noted = {p for p, t in known.items() if p in table and table[p][1] == t}
         roots = noted | set(marked_pids(JOB_MARKER, job))
+        if session is not None and session != os.getsid(0):
+            roots |= orphans_since(session, since, table)
         return roots | descendants(roots, table)
 
     stopped = stop(targets)

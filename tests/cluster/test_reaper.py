@@ -6,6 +6,7 @@ in its own session that ignores SIGTERM, and one whose environment no longer sho
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -115,3 +116,49 @@ def test_the_marker_reaches_the_processes_the_driver_starts():
     job, in_env, found = out.stdout.decode().split()
     assert len(job) == 32 and in_env == "True" and found == "True", out
     assert not marked_pids(JOB_MARKER, job)  # the reaper carries none: it is not the job's
+
+
+RACE_DRIVER = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    from pipeline.cluster.reaper import SCAN_INTERVAL_S, own_processes
+
+    own_processes()
+    time.sleep(2 * SCAN_INTERVAL_S)
+    # What Ray does at start-up: a daemon (the raylet) starts an agent that renames itself (no
+    # marker in /proc), and the daemon dies with the driver, leaving the agent to init; all of
+    # it within one scan of the reaper, so only the session can find the agent.
+    agent = "import time; time.sleep(600)"
+    daemon = f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {agent!r}], env={{}}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)"
+    out = subprocess.run([sys.executable, "-c", daemon], capture_output=True, text=True).stdout
+    print(out.strip(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_an_orphan_that_renamed_itself_in_the_last_scan_is_stopped_and_a_bystander_in_the_session_is_not():
+    """The driver leads nothing: it runs beside a bystander under one shell, as in a terminal or a
+    batch script, and dies right after its daemon left an unmarked orphan."""
+    script = f"{sys.executable} -c {shlex.quote(RACE_DRIVER)} & sleep {2 * SCAN_INTERVAL_S}; sleep 600 & wait %1; echo done; wait"
+    shell = subprocess.Popen(
+        ["bash", "-c", script],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        orphan = int(shell.stdout.readline())
+        table = process_table()
+        noted = {orphan: table[orphan][1]}
+        assert shell.stdout.readline().strip() == b"done"
+        assert not wait_gone(noted), "the orphan outlived the driver"
+        time.sleep(2 * SCAN_INTERVAL_S)  # the reaper has long finished
+        table = process_table()
+        bystanders = [p for p in descendants([shell.pid], table) if table[p][2] != "Z"]
+        assert len(bystanders) == 1 and b"sleep" in Path(f"/proc/{bystanders[0]}/cmdline").read_bytes()
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+        stop(lambda table: set(running(noted)), grace_s=0.5)
