@@ -51,14 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         _prepare_demo_model(cfg)
         from pipeline import preemption
-        from pipeline.train import Trainer, TrainingError
+        from pipeline.train import TrainingError, run
 
         try:
-            trainer = Trainer(cfg)
-            try:
-                status = trainer.run()
-            finally:
-                trainer.shutdown()
+            status = run(cfg)
         except (TrainingError, ConfigError) as e:
             print(f"[pipeline] stopped: {e}", file=sys.stderr)
             return 1
