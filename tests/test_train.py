@@ -153,6 +153,36 @@ def test_repeated_nan_steps_stop_the_run_with_a_clear_message(data, tmp_path):
     assert checkpoint.latest_complete(run_dir / "checkpoints") is None
 
 
+def test_the_first_step_is_the_same_under_any_token_budget(data, tmp_path):
+    """`actor.max_tokens_per_micro_batch=N` for two N >= the longest sample: other micro-batches,
+    the same step (the same samples, losses, gradients and weights, to float rounding)."""
+    rows = {}
+    for n in (100, 5000):
+        run_dir = tmp_path / f"budget{n}"
+        code, out = train(
+            DEMO, run_dir, f"data.train_files=[{data}]", f"actor.max_tokens_per_micro_batch={n}",
+            *("trainer.steps=1", "trainer.prompts_per_step=8", "trainer.samples_per_prompt=4"),
+            *("trainer.eval_every=0", "trainer.checkpoint_every=0"),
+        )  # fmt: skip
+        assert code == 0, out[-5000:]
+        rows[n] = deterministic(metrics(run_dir)[1])
+    small, large = rows[100], rows[5000]
+    assert small["perf/micro_batches_per_rank"] > large["perf/micro_batches_per_rank"] == 1
+    assert set(small) == set(large)
+    for key, value in small.items():
+        if not key.startswith("perf/"):
+            assert math.isclose(value, large[key], rel_tol=1e-5, abs_tol=1e-6), (key, value, large[key])
+
+
+def test_a_budget_smaller_than_the_longest_prompt_is_refused_before_anything_starts(data, tmp_path):
+    code, out = train(
+        DEMO, tmp_path / "run", f"data.train_files=[{data}]", "actor.max_tokens_per_micro_batch=8"
+    )
+    assert code == 1 and "Traceback" not in out, out[-3000:]
+    assert "actor.max_tokens_per_micro_batch=8 cannot hold the longest prompt" in out
+    assert "Started a local Ray instance" not in out  # refused before any process started
+
+
 @needs_sglang
 def test_the_sglang_recipe_trains_against_a_real_server(data, tmp_path):
     """configs/demo_cpu_sglang.yaml: rollout on SGLang 0.5.23 (CPU), weights broadcast over gloo."""

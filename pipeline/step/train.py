@@ -106,10 +106,13 @@ def entropy_dynamics(job, batch: Batch, old: dict, applied: bool) -> dict:
 
 
 def _mean_metrics(rows: list[dict], prefix: str) -> dict:
-    """Mean over the step's optimizer steps of every numeric metric the actor returned."""
+    """Mean over the step's optimizer steps of every numeric metric the actor returned: over the
+    applied ones (a skipped step's loss is NaN), except whether they applied, over all."""
+    applied = [r for r in rows if r.get("update_successful") and not r.get("nonfinite")] or rows
     out = {}
-    for k in rows[0] if rows else []:
-        vals = [float(r[k]) for r in rows if isinstance(r.get(k), int | float)]
+    for k in dict.fromkeys(k for r in rows for k in r):
+        use = rows if k in ("update_successful", "nonfinite") else applied
+        vals = [float(r[k]) for r in use if isinstance(r.get(k), int | float)]
         if vals:
             out[prefix + k] = sum(vals) / len(vals)
     return out
