@@ -169,9 +169,19 @@ def test_the_first_step_is_the_same_under_any_token_budget(data, tmp_path):
     small, large = rows[100], rows[5000]
     assert small["perf/micro_batches_per_rank"] > large["perf/micro_batches_per_rank"] == 1
     assert set(small) == set(large)
+    # Float rounding differs with the packing (<= 1e-6 on a log-prob): the probe's engine-vs-actor
+    # difference is itself at that level, and the entropy share of the top fifth of tokens may move a
+    # token at the threshold from one side to the other; everything else agrees to 1e-5.
+    loose = {
+        "sync/probe_max_abs_diff": dict(abs_tol=1e-5),
+        "entropy_dynamics/high_entropy_share": dict(rel_tol=1e-3),
+    }
     for key, value in small.items():
-        if not key.startswith("perf/"):
-            assert math.isclose(value, large[key], rel_tol=1e-5, abs_tol=1e-6), (key, value, large[key])
+        if isinstance(value, str):  # "nan" (e.g. a correlation of fewer than 3 points)
+            assert value == large[key], key
+        elif not key.startswith("perf/"):
+            tol = loose.get(key, dict(rel_tol=1e-5, abs_tol=1e-6))
+            assert math.isclose(value, large[key], **tol), (key, value, large[key])
 
 
 def test_a_budget_smaller_than_the_longest_prompt_is_refused_before_anything_starts(data, tmp_path):
