@@ -13,8 +13,9 @@ response tokens):
 - ``padded``: the layout before packing: prompts left-padded and responses right-padded to the longest
   in the batch, ``[rows, P + R]`` micro-batches of ``--rows`` samples with a dense ``[rows, 1, S, S]``
   mask (megatron's RoPE at the row's positions);
-- ``packed``: `pipeline.actor.packing`: first-fit-decreasing micro-batches of at most ``--budget``
-  tokens, one packed row each with a block-diagonal causal mask and per-sample RoPE positions;
+- ``packed``: `pipeline.actor.packing` as the actor uses it on the local spec: first-fit-decreasing
+  micro-batches of at most ``--budget`` tokens, each as packed rows as long as its longest sample
+  (short samples share a row) with a block-diagonal causal mask and per-sample RoPE positions;
 - ``packed+pre-forward``: the same after a no-grad forward of every micro-batch, which the training
   step ran before this change for every loss method (now only for methods that select tokens by the
   current policy, and never on the on-policy mini-batch): what dropping it saves. Timed in the
@@ -90,17 +91,22 @@ def _padded(lengths, rows: int, vocab: int, g):
 
 
 def _packed(lengths, budget: int, vocab: int, g):
+    """Micro-batches as the actor packs them on the local spec (`pipeline.actor.packing`)."""
     import torch
 
-    from pipeline.actor.packing import micro_batches, packed_inputs
+    from pipeline.actor.packing import micro_batches, packed_inputs, row_layout
 
     out = []
     for b in micro_batches([a + c for a, c in lengths], budget):
-        ids = torch.cat([torch.randint(0, vocab, (lengths[i][0] + lengths[i][1],), generator=g) for i in b])
+        rows = row_layout([sum(lengths[i]) for i in b], thd=False)
+        b = [b[j] for row in rows for j in row]  # the samples in row order
+        ids = torch.cat([torch.randint(0, vocab, (sum(lengths[i]),), generator=g) for i in b])
         cu = torch.tensor([0] + [sum(lengths[i]) for i in b]).cumsum(0)
-        x = packed_inputs(ids, cu, thd=False)
-        resp = torch.cat([torch.tensor([0.0] * lengths[i][0] + [1.0] * lengths[i][1]) for i in b])[None]
-        out.append((x.input_ids, x.position_ids, x.attention_mask, x.position_ids[0], resp, ids.numel()))
+        x = packed_inputs(ids, cu, row_sizes=[len(row) for row in rows], thd=False)
+        resp = torch.zeros(x.input_ids.numel())
+        resp[x.real] = torch.cat([torch.tensor([0.0] * lengths[i][0] + [1.0] * lengths[i][1]) for i in b])
+        resp = resp.view_as(x.input_ids).float()
+        out.append((x.input_ids, x.position_ids, x.attention_mask, x.position_ids, resp, ids.numel()))
     return out
 
 

@@ -176,43 +176,57 @@ class MegatronActor:
 
     def _bins(self, batch: Batch, count: int | None = None) -> list[list[int]]:
         """Sample indices per micro-batch under the token budget (fixed rows without one); at least
-        `count`, and at least PP of them under the interleaved schedule (megatron needs M >= PP)."""
+        `count`; under the interleaved schedule a multiple of PP (megatron runs micro-batches in
+        groups of PP per virtual stage)."""
         budget, rows = self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size
         bins = packing.micro_batches(batch.lengths, budget, rows=rows)
-        least = max(count or 0, self.cfg.pp if self.pad_rows else 1)
+        least = max(len(bins), count or 0)
+        if self.pad_rows:
+            least = -(-least // self.cfg.pp) * self.cfg.pp
         return (
             bins
-            if len(bins) >= least
+            if len(bins) == least
             else packing.micro_batches(batch.lengths, budget, rows=rows, count=least)
         )
 
     def _pack(self, batch: Batch, bins: list[list[int]]) -> tuple[Batch, list[int], list[dict]]:
         """(the batch reordered so each micro-batch is a consecutive token range, the order, micro-batches).
 
-        A micro-batch: its packed model inputs and its token range in the reordered batch (None for
-        an empty micro-batch, which runs two pad tokens so that every rank runs the same count).
+        A micro-batch: its packed model inputs (rows: `packing.row_layout`) and its token range in the
+        reordered batch (None for an empty micro-batch, which runs two pad tokens so that every rank
+        runs the same count).
         """
-        order = [i for b in bins for i in b]
+        lengths = batch.lengths
+        layouts = []  # per micro-batch: its samples in row order, and the samples of each row
+        for b in bins:
+            rows = packing.row_layout([lengths[i] for i in b], self.thd) if b else []
+            layouts.append(([b[j] for row in rows for j in row], [len(row) for row in rows]))
+        order = [i for samples, _ in layouts for i in samples]
         packed = batch.select(order)
         cu = packed.cu_seqlens
-        spans, first = [], 0
-        for b in bins:
-            spans.append((first, first + len(b)))
-            first += len(b)
-        pad_to = max(2, *(int(cu[e] - cu[a]) for a, e in spans)) if self.pad_rows else None
-        out = []
-        for a, e in spans:
-            if a == e:  # an empty micro-batch: two pad tokens
+        pad_to = None
+        if self.pad_rows:  # one shape for the whole schedule: as many rows, each as long, as the largest
+            shapes = [(len(r), max(lengths[i] for i in s)) for s, r in layouts if s]
+            pad_to = (max(k for k, _ in shapes), max(n for _, n in shapes))
+        out, first = [], 0
+        for samples, row_sizes in layouts:
+            if not samples:  # an empty micro-batch: two pad tokens
                 inputs = packing.packed_inputs(
                     cu.new_zeros(2), cu.new_tensor([0, 2]), thd=self.thd, pad_to=pad_to
                 )
                 out.append({"inputs": inputs, "tokens": None})
                 continue
-            t0, t1 = int(cu[a]), int(cu[e])
+            last = first + len(samples)
+            t0, t1 = int(cu[first]), int(cu[last])
             inputs = packing.packed_inputs(
-                packed.tokens[t0:t1], cu[a : e + 1] - t0, thd=self.thd, pad_to=pad_to
+                packed.tokens[t0:t1],
+                cu[first : last + 1] - t0,
+                row_sizes=row_sizes,
+                thd=self.thd,
+                pad_to=pad_to,
             )
             out.append({"inputs": inputs, "tokens": slice(t0, t1)})
+            first = last
         return packed, order, out
 
     def _run_schedule(self, micro_batches: list[dict], loss_fn, *, forward_only: bool):
@@ -224,7 +238,7 @@ class MegatronActor:
             x = mb["inputs"]
             rotary = getattr(unwrap(model), "rotary_pos_emb", None)
             if rotary is not None and hasattr(rotary, "packed_positions"):
-                rotary.packed_positions = x.position_ids[0]
+                rotary.packed_positions = x.position_ids
             logits = model(
                 x.input_ids,
                 x.position_ids,
@@ -240,13 +254,14 @@ class MegatronActor:
             model=self.chunks,
             num_microbatches=len(micro_batches),
             seq_length=max(mb["inputs"].input_ids.shape[1] for mb in micro_batches),
-            micro_batch_size=1,
+            micro_batch_size=max(mb["inputs"].input_ids.shape[0] for mb in micro_batches),
             forward_only=forward_only,
         )
 
     def _token_stats(self, mb: dict, logits: torch.Tensor, *, entropy: bool = True, influence: bool = False):
-        """Per token of the packed row [S]: log-prob (entropy, influence) of predicting token t from the
-        logits at t - 1 of this rank's shard [1, S, V/tp]; 0 at every sample's first token."""
+        """Per token of the micro-batch's samples (flat, their order): log-prob (entropy, influence) of
+        predicting token t from the logits at t - 1 of this rank's shard [k, L, V/tp]; 0 at every
+        sample's first token."""
         x = mb["inputs"]
         out = vocab_parallel_logprob_entropy(
             logits[:, :-1],
@@ -259,7 +274,9 @@ class MegatronActor:
         )
 
         def aligned(v):  # position t - 1 predicts token t; across a sample boundary it predicts nothing
-            return None if v is None else torch.where(x.first, 0.0, F.pad(v[0], (1, 0)))[: x.real].to(v.dtype)
+            if v is None:
+                return None
+            return torch.where(x.first, 0.0, F.pad(v, (1, 0))).reshape(-1)[x.real].to(v.dtype)
 
         return type(out)(*(aligned(v) for v in out))
 
@@ -372,7 +389,7 @@ class MegatronActor:
         packed, _, micro_batches = self._pack(batch, self._bins(batch, count))
         stats = {
             "tokens": packed.num_tokens,
-            "slots": sum(mb["inputs"].input_ids.shape[1] for mb in micro_batches),
+            "slots": sum(mb["inputs"].input_ids.numel() for mb in micro_batches),
             "micro_batches": len(micro_batches),
         }
         current: dict = {}

@@ -9,16 +9,17 @@ Binning is pure Python on sample lengths:
   own). `count=` splits bins further (and, where a rank has fewer samples than that, adds empty ones)
   so that every data-parallel rank runs the same number of micro-batches.
 
-A micro-batch is one packed row `[1, S]` (`packed_inputs`): with the local layer spec (CPU) a
-block-diagonal causal mask and per-sequence positions, built on the tokens' device; with Transformer
-Engine, the THD layout with `PackedSeqParams` (`cu_seqlens`), where attention never crosses a sample.
-Rows differ in length; a pipeline (PP > 1) sends their shapes ahead (megatron's
+A micro-batch's model inputs (`packed_inputs`): with Transformer Engine on CUDA one THD row with
+`PackedSeqParams` (`cu_seqlens`), where attention never crosses a sample; with the local layer spec
+(CPU), which computes every score of a row, packed rows `[k, L]` as long as the micro-batch's longest
+sample (`row_layout`: short samples share a row) with a block-diagonal causal mask, built on the
+tokens' device. Megatron's RoPE takes the row's positions 0..L-1 and ignores `position_ids`;
+`sequence_positions` makes the local spec's RoPE use each token's position in its own sample, as THD
+does. Micro-batches differ in shape; a pipeline (PP > 1) sends their shapes ahead (megatron's
 `variable_seq_lengths`), except under the interleaved schedule (VPP), whose shape exchange does not
 pair up between stages in megatron-core 0.16.1 (a training step deadlocks, measured on gloo): there
-every row of a step is padded to the step's longest (`pad_to`).
-Megatron's RoPE takes positions 0..S-1 of the row and ignores `position_ids`; `sequence_positions`
-makes the local spec's RoPE use each token's position in its own sample, as THD does. The THD path
-has not run on a GPU yet: only its construction is tested (on CPU).
+every micro-batch of a step is padded to the step's largest shape (`pad_to`). The THD path has not
+run on a GPU yet: only its construction is tested (on CPU).
 """
 
 from __future__ import annotations
@@ -92,38 +93,69 @@ def micro_batches(
 
 
 # ---- the model inputs of one packed micro-batch ------------------------------------------------------
+def row_layout(lengths: list[int], thd: bool) -> list[list[int]]:
+    """A micro-batch's samples in rows: one row with THD (attention stays within each sample); with
+    the local spec, first-fit decreasing rows as long as the longest sample, so that attention
+    computes k x L^2 scores (L = the longest sample) instead of S^2 over the whole micro-batch."""
+    if thd or not lengths:
+        return [list(range(len(lengths)))]
+    return micro_batches(lengths, max(lengths))
+
+
 @dataclass
 class PackedInputs:
-    input_ids: torch.Tensor  # [1, S]
-    position_ids: torch.Tensor  # [1, S] each token's position in its sample
-    attention_mask: torch.Tensor | None  # [1, 1, S, S] bool, True = masked (local spec); None = causal
+    input_ids: torch.Tensor  # [k, L] k packed rows (THD: k = 1)
+    position_ids: torch.Tensor  # [k, L] each token's position in its sample
+    attention_mask: torch.Tensor | None  # [k, 1, L, L] bool, True = masked (local spec); None = causal
     packed_seq_params: object | None  # megatron PackedSeqParams (THD, Transformer Engine)
-    first: torch.Tensor  # [S] bool: a sample's first token (nothing predicts it)
-    real: int  # tokens of the samples; the rest of the row is padding
+    first: torch.Tensor  # [k, L] bool: a sample's first token (nothing predicts it)
+    real: torch.Tensor  # [k * L] bool: the slots that hold the samples' tokens, in their order
 
 
 def packed_inputs(
-    tokens: torch.Tensor, cu_seqlens: torch.Tensor, *, thd: bool, pad_to: int | None = None
+    tokens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    row_sizes: list[int] | None = None,
+    thd: bool,
+    pad_to: tuple[int, int] | None = None,
 ) -> PackedInputs:
-    """One packed row of the samples `tokens` [S] with boundaries `cu_seqlens` [n + 1], on their device.
+    """The samples `tokens` [T] (boundaries `cu_seqlens` [n + 1]) as packed rows on their device.
 
-    `pad_to` appends pad tokens as a sequence of their own (attending only to themselves) up to that
-    length: fixed shapes for a pipeline schedule that cannot take micro-batches of different lengths.
+    `row_sizes` gives the number of consecutive samples in each row (default: all in one row); rows are
+    as long as the longest and padded at their end. `pad_to=(k, L)` pads to k rows of L tokens: fixed
+    shapes for a pipeline schedule that cannot take micro-batches of different shapes. A pad span is a
+    sequence of its own (it attends only to itself) and its slots are not `real`.
     """
+    cu = cu_seqlens.tolist()
+    sizes = [b - a for a, b in zip(cu, cu[1:], strict=False)]
+    row_sizes = row_sizes or [len(sizes)]
+    starts = [sum(row_sizes[:r]) for r in range(len(row_sizes))]  # each row's first sample
+    k = len(row_sizes)
+    length = max(cu[s + n] - cu[s] for s, n in zip(starts, row_sizes, strict=True))
+    if pad_to is not None:
+        k, length = max(k, pad_to[0]), max(length, pad_to[1])
+    index, segment, position = [], [], []  # per slot: token index, sample (pad: -(row + 1)), position
+    for r in range(k):
+        samples = range(starts[r], starts[r] + row_sizes[r]) if r < len(row_sizes) else range(0)
+        idx = [t for i in samples for t in range(cu[i], cu[i + 1])]
+        pad = length - len(idx)
+        index.append(idx + [-1] * pad)
+        segment.append([i for i in samples for _ in range(sizes[i])] + [-(r + 1)] * pad)
+        position.append([p for i in samples for p in range(sizes[i])] + list(range(pad)))
+    index, segment, position = (torch.tensor(v, dtype=torch.long) for v in (index, segment, position))
     dev = tokens.device
-    cu = cu_seqlens.to(dev)
-    real = tokens.shape[0]
-    if pad_to is not None and pad_to > real:
-        tokens = torch.cat([tokens, tokens.new_zeros(pad_to - real)])
-        cu = torch.cat([cu, cu.new_tensor([pad_to])])
-    sizes = cu[1:] - cu[:-1]
-    seg = torch.arange(sizes.shape[0], device=dev).repeat_interleave(sizes)
-    pos = torch.arange(tokens.shape[0], device=dev) - cu[seg]
+    index, segment, position = index.to(dev), segment.to(dev), position.to(dev)
+    ids = torch.where(index >= 0, tokens[index.clamp(min=0)], 0)
     mask, params = None, None
     if thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        cu32, longest = cu.to(torch.int32), int(sizes.max())
+        if k != 1:
+            raise ValueError("THD packing takes one row per micro-batch")
+        bounds = [0, *cu[1:]] + ([length] if length > cu[-1] else [])
+        cu32 = torch.tensor(bounds, dtype=torch.int32, device=dev)
+        longest = int((cu32[1:] - cu32[:-1]).max())
         params = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=cu32,
@@ -131,22 +163,24 @@ def packed_inputs(
             max_seqlen_q=longest,
             max_seqlen_kv=longest,
         )
-    elif sizes.shape[0] > 1:  # one sample: megatron's own causal mask
-        mask = block_causal_mask(seg)
-    return PackedInputs(tokens[None], pos[None], mask, params, pos == 0, real)
+    elif k > 1 or len(sizes) > 1 or length > cu[-1]:  # one sample alone in one row: megatron's causal mask
+        mask = block_causal_mask(segment)
+    return PackedInputs(ids, position, mask, params, position == 0, (index >= 0).reshape(-1))
 
 
 def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[1, 1, S, S] bool, True = masked: token t sees tokens s <= t of its own sample only."""
-    s = segments.shape[0]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril_()
-    keep = causal & (segments[:, None] == segments[None, :])
-    return ~keep[None, None]
+    """[k, 1, L, L] bool from [k, L] (or [1, 1, S, S] from [S]) segment ids, True = masked: token t
+    sees the tokens s <= t of its own sequence only."""
+    seg = segments if segments.dim() == 2 else segments[None]
+    length = seg.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril_()
+    keep = causal & (seg[:, :, None] == seg[:, None, :])
+    return ~keep[:, None]
 
 
 def sequence_positions(rotary) -> None:
-    """Make a megatron `RotaryEmbedding` use `rotary.packed_positions` ([S], set before each forward)
-    instead of the row's positions 0..S-1; unset or with THD it behaves as before.
+    """Make a megatron `RotaryEmbedding` use `rotary.packed_positions` ([S] or [rows, S], set before
+    each forward) instead of the row's positions 0..S-1; unset or with THD it behaves as before.
 
     The same frequencies as megatron's `get_emb` (fp32 outer product, then the two halves), at
     positions that restart at every sample, which is what a one-sample-at-a-time forward computes.
@@ -160,15 +194,15 @@ def sequence_positions(rotary) -> None:
         if pos is None or packed_seq:
             return original(max_seq_len, offset, packed_seq, cp_group)
         inv = rotary.inv_freq.to(pos.device)
-        seq = pos.to(inv.dtype) + offset
+        seq = (pos if pos.dim() == 2 else pos[None]).t().to(inv.dtype) + offset  # [S, rows]
         if rotary.seq_len_interpolation_factor is not None:
             seq = seq * (1 / rotary.seq_len_interpolation_factor)
-        freqs = torch.outer(seq, inv)
+        freqs = seq[..., None] * inv  # [S, rows, dim / 2], each the fp32 product megatron's outer takes
         if rotary.rotary_interleaved:
-            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+            emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
         else:
             emb = torch.cat((freqs, freqs), dim=-1)
-        return emb[:, None, None, :]
+        return emb[:, :, None, :]  # [S, rows, 1, dim]: broadcast over heads (sbhd)
 
     rotary.packed_positions = None
     rotary.forward = forward

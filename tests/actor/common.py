@@ -6,8 +6,9 @@ import torch
 
 from pipeline.batch import Batch
 
-# (prompt, response) tokens of each sample: ragged, so that packing and balancing have work to do
-LENGTHS = [(5, 7), (3, 9), (8, 4), (2, 6)]
+# (prompt, response) tokens of each sample: ragged, so that packing and balancing have work to do;
+# the last two (8 and 4 tokens) share a packed row (rows are as long as the longest sample, 12)
+LENGTHS = [(5, 7), (3, 9), (8, 4), (2, 6), (2, 2)]
 B = len(LENGTHS)
 
 

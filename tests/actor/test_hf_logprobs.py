@@ -11,7 +11,7 @@ from tests.actor.tiny_hf import FAMILIES, make_tiny_hf
 from tests.distributed import run_distributed
 
 LAYOUTS = [dict(tp=1), dict(tp=2), dict(pp=2), dict(pp=2, vpp=2)]
-BUDGET = 24  # the 44 tokens of rl_batch in three packed micro-batches
+BUDGET = 24  # the 48 tokens of rl_batch in two packed micro-batches, one with a shared row
 
 
 def _worker(rank, world_size, dirs):

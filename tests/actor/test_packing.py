@@ -12,6 +12,7 @@ from pipeline.actor.packing import (
     block_causal_mask,
     micro_batches,
     packed_inputs,
+    row_layout,
     sequence_positions,
 )
 
@@ -70,8 +71,8 @@ def test_micro_batches_split_to_a_common_count_and_pad_with_empty_ones():
 def test_packed_row_has_a_block_diagonal_causal_mask_and_per_sample_positions():
     tokens = torch.arange(10, 17)
     x = packed_inputs(tokens, torch.tensor([0, 3, 7]), thd=False)
-    assert x.input_ids.tolist() == [list(range(10, 17))]
-    assert x.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]] and x.first.tolist() == [1, 0, 0, 1, 0, 0, 0]
+    assert x.input_ids.tolist() == [list(range(10, 17))] and x.real.all()
+    assert x.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]] and x.first.tolist() == [[1, 0, 0, 1, 0, 0, 0]]
     seg = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     want = torch.zeros(7, 7, dtype=torch.bool)
     for q in range(7):
@@ -79,24 +80,40 @@ def test_packed_row_has_a_block_diagonal_causal_mask_and_per_sample_positions():
             want[q, k] = not (k <= q and seg[q] == seg[k])  # True = masked
     assert torch.equal(x.attention_mask[0, 0], want) and torch.equal(block_causal_mask(seg)[0, 0], want)
     assert packed_inputs(tokens[:3], torch.tensor([0, 3]), thd=False).attention_mask is None  # causal
-    padded = packed_inputs(tokens, torch.tensor([0, 3, 7]), thd=False, pad_to=10)
-    assert (
-        padded.real == 7
-        and padded.input_ids.shape == (1, 10)
-        and padded.position_ids[0, 7:].tolist() == [0, 1, 2]
+    padded = packed_inputs(tokens, torch.tensor([0, 3, 7]), thd=False, pad_to=(2, 10))
+    assert padded.input_ids.shape == (2, 10) and padded.real.tolist() == [True] * 7 + [False] * 13
+    assert padded.position_ids[0, 7:].tolist() == [0, 1, 2] and padded.position_ids[1].tolist() == list(
+        range(10)
     )
-    assert padded.attention_mask[0, 0, 8, :7].all() and not padded.attention_mask[0, 0, 8, 7]  # pad sees pad
+    m = padded.attention_mask
+    assert m[0, 0, 8, :7].all() and not m[0, 0, 8, 7] and not m[1, 0, 9, 0]  # pad sees only pad
+
+
+def test_rows_of_a_micro_batch_are_as_long_as_its_longest_sample():
+    assert row_layout([5, 2, 3, 4], thd=False) == [[0], [3], [2, 1]]  # first-fit decreasing, capacity 5
+    assert row_layout([5, 2, 3, 4], thd=True) == [[0, 1, 2, 3]]  # THD: one row
+    tokens = torch.arange(100, 107)  # samples of 3, 2, 2 tokens: rows [s0] and [s1, s2]
+    x = packed_inputs(tokens, torch.tensor([0, 3, 5, 7]), row_sizes=[1, 2], thd=False)
+    assert x.input_ids.tolist() == [[100, 101, 102, 0], [103, 104, 105, 106]]
+    assert x.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert x.real.tolist() == [True, True, True, False] + [True] * 4  # the samples' tokens, in order
+    assert x.attention_mask.shape == (2, 1, 4, 4)
+    assert x.attention_mask[1, 0, 2].tolist() == [True, True, False, True]  # s2's first token sees itself
 
 
 def test_thd_packed_seq_params_construction():
-    """Transformer Engine's THD layout (never run here: no GPU, no TE): cu_seqlens as int32 on the
-    tokens' device, the longest sample, no dense mask."""
+    """Transformer Engine's THD layout (never run here: no GPU, no TE): one row, cu_seqlens as int32
+    on the tokens' device, the longest sample, no dense mask; padding is a sequence of its own."""
     x = packed_inputs(torch.arange(9), torch.tensor([0, 2, 7, 9]), thd=True)
     p = x.packed_seq_params
-    assert x.attention_mask is None and p.qkv_format == "thd"
+    assert x.attention_mask is None and p.qkv_format == "thd" and x.input_ids.shape == (1, 9)
     assert p.cu_seqlens_q.dtype == torch.int32 and p.cu_seqlens_q.tolist() == [0, 2, 7, 9]
     assert torch.equal(p.cu_seqlens_kv, p.cu_seqlens_q) and p.max_seqlen_q == p.max_seqlen_kv == 5
     assert x.position_ids.tolist() == [[0, 1, 0, 1, 2, 3, 4, 0, 1]]
+    padded = packed_inputs(torch.arange(9), torch.tensor([0, 2, 7, 9]), thd=True, pad_to=(1, 12))
+    assert padded.packed_seq_params.cu_seqlens_q.tolist() == [0, 2, 7, 9, 12]
+    with pytest.raises(ValueError, match="one row"):
+        packed_inputs(torch.arange(9), torch.tensor([0, 2, 7, 9]), row_sizes=[1, 2], thd=True)
 
 
 def test_sequence_positions_rope_equals_megatrons_per_sample():
@@ -108,3 +125,8 @@ def test_sequence_positions_rope_equals_megatrons_per_sample():
     sequence_positions(rope)
     rope.packed_positions = torch.tensor([0, 1, 2, 0, 1, 2, 3])
     assert torch.equal(rope(7), want)
+    rope.packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]])  # two rows
+    rows = rope(7)
+    assert rows.shape == (7, 2, 1, 16) and torch.equal(rows[:, :1], want)
+    freqs = rope.get_freqs_non_repeated(7)
+    assert torch.equal(rows[:, 1, 0], torch.cat((freqs, freqs), dim=-1))

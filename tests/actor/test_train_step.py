@@ -21,7 +21,7 @@ LOSSES = {
     ),
     "kl_cov": dict(method="kl_cov", kl_cov_ratio=0.2, entropy_coef=0.01),
 }
-BUDGET = dict(max_tokens_per_micro_batch=24)  # the 44 tokens in three micro-batches
+BUDGET = dict(max_tokens_per_micro_batch=24)  # the 48 tokens in two micro-batches
 LAYOUTS_2 = {
     "tp2": dict(tp=2, **BUDGET),
     "pp2": dict(pp=2, **BUDGET),
