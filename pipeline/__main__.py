@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.train import TrainingError, run
 
         try:
-            status = run(cfg)
-        except (TrainingError, ConfigError) as e:
+            status = run(cfg)  # its start-up checks raise ConfigError before Ray starts
+        except ConfigError as e:
+            print(f"configuration error: {e}", file=sys.stderr)
+            return 2
+        except TrainingError as e:
             print(f"[pipeline] stopped: {e}", file=sys.stderr)
             return 1
         if status == "preempted":

@@ -188,8 +188,8 @@ def test_a_budget_smaller_than_the_longest_prompt_is_refused_before_anything_sta
     code, out = train(
         DEMO, tmp_path / "run", f"data.train_files=[{data}]", "actor.max_tokens_per_micro_batch=8"
     )
-    assert code == 1 and "Traceback" not in out, out[-3000:]
-    assert "actor.max_tokens_per_micro_batch=8 cannot hold the longest prompt" in out
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    assert "configuration error: actor.max_tokens_per_micro_batch=8 cannot hold the longest prompt" in out
     assert "Started a local Ray instance" not in out  # refused before any process started
 
 

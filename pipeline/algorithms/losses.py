@@ -72,11 +72,12 @@ class LossPlan:
     mask        bool         valid tokens (the loss mask)
     weight                   aggregation weight incl. the global normaliser (entropy bonus, kl_coef term)
     pg_weight                weight of the per-token policy loss (top-entropy selection, Clip-Cov zeros)
-    kl_weight   |None        weight of the per-token reference KL (kl_coef * weight + Archer subset means)
+    kl_weight   |None        weight of the per-token reference KL (kl_coef * weight + Archer's subset terms)
     advantages  |None        entropy-shaped advantages (None: apply_loss uses the advantages passed)
     clip_low/high |None      per-token clip offsets (Archer; None: cfg.clip_ratio_low/high)
     penalty     |None        KL-Cov: beta on selected tokens, 0 elsewhere
     archer_high |None bool   Archer: the high-entropy tokens of each response (for its KL metrics)
+    archer_agg  |None        Archer: each token's aggregation weight within its entropy subset
     high_entropy |None bool  the top-20 % entropy tokens of the mini-batch (by_entropy metrics), when
                              entropies were given
     entropy_coef float       coefficient of the entropy bonus (cfg.entropy_coef or the controller's alpha)
@@ -93,6 +94,7 @@ class LossPlan:
     clip_high: Tensor | None = None
     penalty: Tensor | None = None
     archer_high: Tensor | None = None
+    archer_agg: Tensor | None = None
     high_entropy: Tensor | None = None
     entropy_coef: float = 0.0
     counts: dict[str, float] = field(default_factory=dict)
@@ -249,6 +251,13 @@ class _Ctx:
     step: int
     group: object
     n_tokens: float
+    n_seqs: float
+    length_const: float
+
+    def per_sequence(self, part: Tensor) -> Tensor:
+        """[N]: how many tokens of `part` each token's sequence holds."""
+        counts = torch.zeros(self.n_seqs_local, dtype=torch.float64, device=part.device)
+        return counts.index_add_(0, self.segments, part.double())[self.segments]
 
 
 @torch.no_grad()
@@ -320,14 +329,26 @@ def _prepare_archer(ctx: _Ctx):
     dt = ctx.old_log_prob.dtype
     eps_high = torch.tensor(cfg.archer_clip_high_entropy, dtype=dt)
     eps = torch.where(high, eps_high, torch.tensor(cfg.archer_clip_low_entropy, dtype=dt))
+    # each KL term is agg(KL, subset, loss_agg_mode) as in the reference (`agg_loss(kld, subset_mask,
+    # loss_agg_mode)`): token-mean divides by the subset's size, the seq-mean modes by the batch's B
     n_low, n_high = all_reduce_sums([low.sum(), high.sum()], ctx.group)
+    agg = torch.zeros_like(ctx.old_log_prob)  # each token's weight in its own subset's aggregate
     kl_weight = torch.zeros_like(ctx.old_log_prob)
-    if cfg.archer_kl_coef_low_entropy and n_low:
-        kl_weight = kl_weight + low.to(dt) * (cfg.archer_kl_coef_low_entropy / n_low)
-    if cfg.archer_kl_coef_high_entropy and n_high:
-        kl_weight = kl_weight + high.to(dt) * (cfg.archer_kl_coef_high_entropy / n_high)
-    sums = {"archer/n_low": low.sum(), "archer/n_high": high.sum()}
-    fields = {"clip_low": eps, "clip_high": eps, "archer_kl_weight": kl_weight, "archer_high": high}
+    for part, n, coef in (
+        (low, n_low, cfg.archer_kl_coef_low_entropy),
+        (high, n_high, cfg.archer_kl_coef_high_entropy),
+    ):
+        w = aggregation_weights(cfg.loss_agg_mode, part, max(n, 1.0), ctx.n_seqs, ctx.length_const, dt,
+                                ctx.per_sequence(part))  # fmt: skip
+        agg, kl_weight = agg + w, kl_weight + coef * w
+    sums = {"archer/n_high": high.sum()}
+    fields = {
+        "clip_low": eps,
+        "clip_high": eps,
+        "archer_kl_weight": kl_weight,
+        "archer_high": high,
+        "archer_agg": agg,
+    }
     return fields, sums
 
 
@@ -376,10 +397,12 @@ def aggregation_weights(
     token-mean              m / N                 (N = valid tokens of the mini-batch, all ranks)
     seq-mean-token-mean     m / (|o_i| * B)       (B = non-empty responses of the mini-batch, as verl)
     seq-mean-token-sum      m / B
-    seq-mean-token-sum-norm m / L_const           (Dr.GRPO; not divided by B, as verl)
+    seq-mean-token-sum-norm m / (L_const * B)     (Dr.GRPO: 1/G over responses kept; verl PR #5417)
 
-    |o_i| per token: `seq_tokens` (the valid tokens of its sequence; flat input), else the row sums
-    of a [B, L] mask.
+    |o_i| per token: `seq_tokens` (the tokens of `mask` in its sequence; flat input), else the row
+    sums of a [B, L] mask. `mask` may be a subset of the response tokens (top-entropy selection,
+    Archer's KL subsets): then N and |o_i| count the subset, while B stays the batch's responses, as
+    the reference's `agg_loss(loss, subset_mask, mode)` does (`torch.mean` over all rows).
     """
     mf = mask.to(dtype)
     if mode == "token-mean":
@@ -390,7 +413,7 @@ def aggregation_weights(
     if mode == "seq-mean-token-sum":
         return mf / n_seqs
     if mode == "seq-mean-token-sum-norm":
-        return mf / length_const
+        return mf / (length_const * n_seqs)
     raise ValueError(f"unknown loss_agg_mode {mode!r}; expected one of {list(LOSS_AGG_MODES)}")
 
 
@@ -590,10 +613,12 @@ def prepare_loss(
         shaped, bonus, cap = entropy_shaped_advantages(
             adv, ent, mask, cfg.adv_shaping_alpha, cfg.adv_shaping_kappa
         )
+        sums |= {"adv_shaping/bonus_sum": bonus.sum(), "adv_shaping/cap_binding": cap.sum(),
+                 "adv_shaping/nonzero_adv": (mask & (adv != 0)).sum()}  # fmt: skip
         adv = shaped
-        sums |= {"adv_shaping/bonus_sum": bonus.sum(), "adv_shaping/cap_binding": cap.sum()}
 
-    ctx = _Ctx(cfg, lp, old, adv, mask, ent, segments, n, sample_ids[segments], positions, step, group, n_tok)
+    ctx = _Ctx(cfg, lp, old, adv, mask, ent, segments, n, sample_ids[segments], positions, step, group, n_tok,
+               n_seq, length_const)  # fmt: skip
     fields, method_sums = method.prepare(ctx) if method.prepare else ({}, {})
     sums |= method_sums
 
@@ -612,10 +637,8 @@ def prepare_loss(
         if cfg.global_stats:  # paper / TRL: normaliser over all tokens
             pg_weight = weight * sel
         else:  # official 80/20 repo: the selected tokens are the aggregation mask of the call
-            sel_tokens = torch.zeros_like(seq_tokens).index_add_(0, segments, sel.double())
-            n_sel, n_sel_seq = float(sel.sum()), float((sel_tokens > 0).sum())
-            pg_weight = aggregation_weights(cfg.loss_agg_mode, sel, n_sel, n_sel_seq, length_const, dt,
-                                            sel_tokens[segments])  # fmt: skip
+            pg_weight = aggregation_weights(cfg.loss_agg_mode, sel, float(sel.sum()), n_seq, length_const, dt,
+                                            ctx.per_sequence(sel))  # fmt: skip
         sums |= {"top_entropy/selected": sel.sum(), "top_entropy/entropy_sum": torch.where(sel, ent, 0).sum()}
     if "keep" in fields:
         pg_weight = pg_weight * fields.pop("keep")
@@ -661,12 +684,13 @@ def _plan_metrics(cfg: LossConfig, v: dict[str, float], n_tok: float, n_seq: flo
         sel = v["top_entropy/selected"]
         out["top_entropy/selected_frac"] = sel / n_tok
         out["top_entropy/entropy_selected_mean"] = v.pop("top_entropy/entropy_sum") / max(sel, 1.0)
-    if "archer/n_low" in v:
-        counts["archer/n_low"], counts["archer/n_high"] = v.pop("archer/n_low"), v.pop("archer/n_high")
-        out["archer/high_frac"] = counts["archer/n_high"] / n_tok
+    if "archer/n_high" in v:
+        out["archer/high_frac"] = v.pop("archer/n_high") / n_tok
     if "adv_shaping/bonus_sum" in v:
         out["adv_shaping/bonus_mean"] = v.pop("adv_shaping/bonus_sum") / n_tok
-        out["adv_shaping/cap_binding_frac"] = v.pop("adv_shaping/cap_binding") / n_tok
+        # of the tokens that can get a bonus (A != 0), the share whose bonus is the cap |A| / kappa
+        nonzero = max(v.pop("adv_shaping/nonzero_adv"), 1.0)
+        out["adv_shaping/cap_binding_frac"] = v.pop("adv_shaping/cap_binding") / nonzero
     for name in ("high", "low"):
         if f"by_entropy/{name}_n" in v:
             counts[f"by_entropy/{name}_n"] = n = v.pop(f"by_entropy/{name}_n")
@@ -735,8 +759,10 @@ def apply_loss(
     if ref_log_prob is not None:
         kl_d = torch.where(mask, kl_estimate(cfg.kl_estimator, lp_d, _clean(ref_log_prob.detach(), mask)), 0)
         parts["kl_sum"] = kl_d.sum()
-        if plan.archer_high is not None:
-            parts["archer/high_kl_sum"] = torch.where(plan.archer_high, kl_d, 0).sum()
+        if plan.archer_high is not None:  # each subset's KL aggregated with the loss's mode
+            subset_kl = plan.archer_agg * kl_d
+            parts["archer/high_entropy_kl"] = torch.where(plan.archer_high, subset_kl, 0).sum()
+            parts["archer/low_entropy_kl"] = torch.where(plan.archer_high, 0, subset_kl).sum()
     if plan.penalty is not None:
         log_ratio, _ = _ratio(lp_d, old)
         parts["kl_cov/penalty_sum"] = torch.where(mask, plan.penalty * log_ratio.abs(), 0).sum()
@@ -762,7 +788,7 @@ def finish_metrics(cfg: LossConfig, plan: LossPlan, sums: dict[str, float]) -> d
 
     loss, pg_loss, kl_loss, entropy_bonus (totals); pg_clipfrac, pg_clipfrac_lower, ppo_kl (mean old -
     new; KL-Cov: mean |log r|), entropy, kl (token means); Clip-Cov's ppo_clipfrac; KL-Cov's penalty;
-    Archer's low/high_entropy_kl; by_entropy/{high,low}_clipfrac.
+    Archer's low/high_entropy_kl (each subset's KL aggregated with the loss's mode); by_entropy/{high,low}_clipfrac.
     """
     v, c = dict(sums), plan.counts
     n = c["n_tokens"]
@@ -780,10 +806,6 @@ def finish_metrics(cfg: LossConfig, plan: LossPlan, sums: dict[str, float]) -> d
             out[name] = v.pop(f"{name}_sum") / n
     if "kl_cov/penalty_sum" in v:
         out["kl_cov/penalty"] = v.pop("kl_cov/penalty_sum") / n
-    if "archer/high_kl_sum" in v:
-        high = v.pop("archer/high_kl_sum")
-        out["archer/high_entropy_kl"] = high / max(c["archer/n_high"], 1.0)
-        out["archer/low_entropy_kl"] = (out["kl"] * n - high) / max(c["archer/n_low"], 1.0)
     for name in ("high", "low"):
         if f"by_entropy/{name}_clipped_sum" in v:
             out[f"by_entropy/{name}_clipfrac"] = v.pop(f"by_entropy/{name}_clipped_sum") / max(

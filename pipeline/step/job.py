@@ -1,7 +1,8 @@
 """The job the RL loop runs: its config, data, components and the state a checkpoint keeps.
 
-`Job(cfg)` does everything that needs no process (run directory, tokenizer, prompts, reward function,
-the checks that need the data); `job.start()` starts Ray, one Ray actor per Megatron rank and the
+`Job(cfg)` does everything that needs no process: the start-up checks (`pipeline/preflight.py`: model,
+tokenizer, layout, prompts; then the token budget against the longest prompt), the run directory,
+the reward function; `job.start()` starts Ray, one Ray actor per Megatron rank and the
 rollout engines, then calls the hooks named in `trainer.hooks` (extension points; the tests install
 their fault injection this way). `job.shutdown()` stops what `start` started.
 """
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import telemetry
+from pipeline import preflight, telemetry
 from pipeline.algorithms import loss_needs
-from pipeline.data import PromptSampler, load_prompts
+from pipeline.data import PromptSampler
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLogger
 from pipeline.rewards import load_reward_fn
@@ -46,22 +47,19 @@ class RunState:
 
 class Job:
     def __init__(self, cfg):
-        from transformers import AutoTokenizer
-
         from pipeline.algorithms import AdaptiveEntropyController
 
+        inputs = preflight.check(cfg)  # model, tokenizer, layout, prompts: in seconds, before Ray
+        check_budget(cfg.actor.max_tokens_per_micro_batch, inputs.train + inputs.eval)
         self.cfg, t = cfg, cfg.trainer
         self.run_dir = Path(t.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.model_path)
-        prompts, self.data_report = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data)
-        log.info("train data: %s", self.data_report.summary())
-        self.eval_prompts = load_prompts(cfg.data.eval_files, self.tokenizer, cfg.data)[0][: t.eval_prompts]
-        check_budget(cfg.actor.max_tokens_per_micro_batch, prompts + self.eval_prompts)
-        self.sampler = PromptSampler(prompts, seed=t.seed)
+        self.tokenizer, self.data_report = inputs.tokenizer, inputs.train_report
+        self.eval_prompts = inputs.eval[: t.eval_prompts]
+        self.sampler = PromptSampler(inputs.train, seed=t.seed)
         self.reward_fn = load_reward_fn(cfg.reward.fn)
         self.needs = loss_needs(cfg.loss)  # current-policy statistics, a reference policy
         self.controller = (

@@ -9,8 +9,7 @@ log-prob mismatch on the trained tokens and the entropy distribution.
 
 from __future__ import annotations
 
-import torch
-
+from pipeline import telemetry
 from pipeline.batch import Batch
 from pipeline.metrics import timed
 from pipeline.rollout import logprob_mismatch
@@ -27,12 +26,5 @@ def log_probs(job, batch: Batch, m: dict) -> tuple[Batch, dict]:
         batch = batch.replace(ref_log_prob=ref)
     mask = batch.loss_mask.bool()
     m.update(logprob_mismatch([batch.rollout_log_prob[mask].tolist()], [old["log_prob"][mask].tolist()]))
-    m.update({f"entropy/{k}": v for k, v in quantiles(old["entropy"], mask).items()})
+    m.update({f"entropy/{k}": v for k, v in telemetry.token_quantiles(old["entropy"], mask).items()})
     return batch, old
-
-
-def quantiles(x: torch.Tensor, mask: torch.Tensor, qs=(0.1, 0.5, 0.9)) -> dict:
-    v = x[mask.bool()].double()
-    if v.numel() == 0:
-        return {}
-    return {"mean": float(v.mean()), **{f"p{int(q * 100)}": float(torch.quantile(v, q)) for q in qs}}

@@ -83,8 +83,9 @@ def test_seq_mean_token_sum_norm_of_flat_input_defaults_to_the_longest_sequence(
     plan = prepare_loss(
         cfg, None, flat["old_log_prob"], flat["advantages"], flat["response_mask"], segments=rows
     )
-    longest = int(batch["response_mask"].sum(-1).max())
-    assert plan.weight[flat["response_mask"].bool()].unique().tolist() == [1 / longest]
+    lengths = batch["response_mask"].sum(-1)
+    longest, responses = int(lengths.max()), int((lengths > 0).sum())  # Dr.GRPO: 1 / (L_const * B)
+    assert plan.weight[flat["response_mask"].bool()].unique().tolist() == [1 / (longest * responses)]
 
 
 def test_segment_quantile_equals_nanquantile_of_each_ragged_sequence():
