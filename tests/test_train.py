@@ -84,7 +84,9 @@ def test_demo_run_logs_every_metric_skips_the_nan_step_and_checkpoints(straight,
         assert {"time/rollout", "time/old_log_prob", "time/update", "time/weight_sync"} <= set(row)
         assert {"entropy_dynamics/cov_mean", "entropy_dynamics/predicted_change"} <= set(row)
         assert row["entropy_dynamics/measured_change"] != 0  # the weights moved
-        assert row["perf/padding_efficiency"] == 1.0 and row["perf/micro_batches_per_rank"] >= 1
+        assert (
+            0.9 < row["perf/padding_efficiency"] <= 1.0 and row["perf/micro_batches_per_rank"] >= 1
+        )  # rows pad
         assert row["perf/actor_tokens_per_s"] > 0 and row["perf/max_tokens_per_rank"] > 100
     assert m[1]["actor/skipped_nonfinite"] == 0 and m[4]["actor/skipped_nonfinite"] == 0
     # step 2: mini-batch 0 skipped, mini-batch 1 applied -> the engines get that update (version 2),
