@@ -56,14 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         own_processes()  # whatever the job starts from here on is stopped when this process ends
         _prepare_demo_model(cfg)
         from pipeline import preemption
-        from pipeline.train import Trainer, TrainingError
+        from pipeline.train import TrainingError, run
 
         try:
-            trainer = Trainer(cfg)  # its start-up checks raise ConfigError before Ray starts
-            try:
-                status = trainer.run()
-            finally:
-                trainer.shutdown()
+            status = run(cfg)  # its start-up checks raise ConfigError before Ray starts
         except ConfigError as e:
             print(f"configuration error: {e}", file=sys.stderr)
             return 2

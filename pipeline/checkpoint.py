@@ -242,6 +242,7 @@ RESUME_MAY_CHANGE = frozenset(
         "trainer.ray_num_cpus",
         "trainer.sync_bucket_mb",
         "trainer.allow_config_change",
+        "actor.max_tokens_per_micro_batch",  # how samples are packed, not what is computed
         "reward.workers",
         "rollout.host",
         "rollout.base_port",

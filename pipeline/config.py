@@ -303,16 +303,15 @@ class Config:
                 "teacher-forced log-probs (weight-sync check) are at temperature 1; use 1.0 or the local engine"
             )
         t = self.trainer
-        rows = t.prompts_per_step * t.samples_per_prompt // t.mini_batches_per_step
-        unit = self.actor.micro_batch_size * (t.world_size // (self.actor.tp * self.actor.pp))
         if t.world_size % (self.actor.tp * self.actor.pp):
             raise ConfigError(
                 f"trainer.world_size={t.world_size} must be a multiple of actor.tp x actor.pp = "
                 f"{self.actor.tp * self.actor.pp}"
             )
-        if rows % unit:
+        dp = t.world_size // (self.actor.tp * self.actor.pp)
+        rows = t.prompts_per_step * t.samples_per_prompt // t.mini_batches_per_step
+        if rows < dp:
             raise ConfigError(
-                f"a mini-batch of {rows} rows (trainer.prompts_per_step x samples_per_prompt / "
-                f"mini_batches_per_step) must be a multiple of actor.micro_batch_size x data-parallel size "
-                f"= {unit}"
+                f"a mini-batch of {rows} samples (trainer.prompts_per_step x samples_per_prompt / "
+                f"mini_batches_per_step) cannot give each of the {dp} data-parallel ranks a sample"
             )

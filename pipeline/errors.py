@@ -7,3 +7,7 @@ importing `ConfigError` from there would be a circular import whenever it is imp
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and what to change."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and what to change."""

@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def timed(metrics: dict, name: str):
+    """Put the wall time of the block into `metrics["time/<name>"]`."""
+    t = time.perf_counter()
+    yield
+    metrics[f"time/{name}"] = time.perf_counter() - t
 
 
 class MetricsLogger:

@@ -39,7 +39,7 @@ class TrainerConfig:
     tensorboard: bool = True
     wandb_project: str | None = None  # W&B project; None = off
     seed: int = 0  # prompts order, sampling, everything seeded from it
-    inject_nan_at_steps: list[int] = field(default_factory=list)  # fault injection: NaN loss at these steps
+    hooks: list[str] = field(default_factory=list)  # "module:function"s called with the started job (tests)
 
     def validate(self) -> None:
         for name in (
@@ -55,10 +55,10 @@ class TrainerConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)}: must be >= 1")
         rows = self.prompts_per_step * self.samples_per_prompt
-        if rows % self.mini_batches_per_step:
+        if self.mini_batches_per_step > rows:
             raise ConfigError(
-                f"trainer.mini_batches_per_step={self.mini_batches_per_step} must divide prompts_per_step x "
-                f"samples_per_prompt = {rows}"
+                f"trainer.mini_batches_per_step={self.mini_batches_per_step}: at most prompts_per_step x "
+                f"samples_per_prompt = {rows} (a mini-batch needs samples)"
             )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"trainer.top_p={self.top_p}: must be in (0, 1]")

@@ -46,10 +46,16 @@ def train_command(config: Path, run_dir: Path, *overrides: str) -> list[str]:
 class Run:
     """One `python -m pipeline train` process (and the Ray daemons it starts) that a test owns."""
 
-    def __init__(self, cmd: list[str], log: Path):
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
         self.marker = uuid.uuid4().hex
         self.log = log
-        env = {**os.environ, MARKER: self.marker, "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "5"}
+        env = {
+            **os.environ,
+            **(env or {}),
+            MARKER: self.marker,
+            "OMP_NUM_THREADS": "1",
+            "TQDM_MININTERVAL": "5",
+        }
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -72,9 +78,11 @@ class Run:
         return self.log.read_text()
 
 
-def train(config: Path, run_dir: Path, *overrides: str, timeout: float = 600) -> tuple[int, str]:
-    """Run to the end; (exit code, output)."""
-    run = Run(train_command(config, run_dir, *overrides), run_dir.parent / f"{run_dir.name}.log")
+def train(
+    config: Path, run_dir: Path, *overrides: str, timeout: float = 600, env: dict | None = None
+) -> tuple[int, str]:
+    """Run to the end (with `env` added to the environment); (exit code, output)."""
+    run = Run(train_command(config, run_dir, *overrides), run_dir.parent / f"{run_dir.name}.log", env)
     code = run.wait(timeout)
     return code, run.output
 
@@ -90,5 +98,5 @@ def deterministic(row: dict) -> dict:
     return {
         k: v
         for k, v in row.items()
-        if k != "time" and not k.startswith("time/") and k not in ("sync/seconds", "sync/MB_per_s")
+        if k != "time" and not k.startswith("time/") and k != "sync/seconds" and not k.endswith("_per_s")
     }

@@ -41,7 +41,7 @@ def actor_template(tmp_path_factory):
 
 
 def save(root, step, template, keep_last=0):
-    """What Trainer.save does, with the template as the actor's part."""
+    """What pipeline.step.save does, with the template as the actor's part."""
     p = checkpoint.begin(root, step)
     shutil.copytree(template, p / checkpoint.ACTOR_DIR)
     return checkpoint.commit(root, step, {"step": step}, keep_last=keep_last)

@@ -32,7 +32,11 @@ def test_the_rollout_engines_default_to_the_actors_model():
     [
         (["actor.model_path="], "actor.model_path: set the Hugging Face model directory"),
         (["data.train_files=[]"], "data.train_files: list at least one"),
-        (["trainer.prompts_per_step=3"], "must be a multiple of actor.micro_batch_size x data-parallel size"),
+        (
+            ["trainer.prompts_per_step=1", "trainer.samples_per_prompt=1", "actor.tp=1"],
+            "cannot give each of the 2 data-parallel ranks a sample",
+        ),
+        (["actor.max_tokens_per_micro_batch=1"], "actor.max_tokens_per_micro_batch=1: must be >= 2"),
         (["trainer.world_size=3"], "trainer.world_size=3 must be a multiple of actor.tp x actor.pp = 2"),
         (["rollout.engine=vllm"], "rollout.engine='vllm': one of"),
         (["rollout.engine=sglang", "actor.temperature=0.7"], "teacher-forced log-probs"),

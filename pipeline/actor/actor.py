@@ -1,19 +1,19 @@
 """The Megatron-core actor: forward log-probs/entropies, the RL training step, checkpoints.
 
-One RL mini-batch on this data-parallel rank is a dict of tensors (verl's layout):
+Its input is this data-parallel rank's samples as a packed `pipeline.batch.Batch` (flat token vectors
+with `cu_seqlens`): `compute_log_prob` needs the tokens, `train_step` also `loss_mask`,
+`old_log_prob`, `advantages` (and `ref_log_prob` when the loss needs it). Samples are binned into
+micro-batches under `actor.max_tokens_per_micro_batch` (`pipeline/actor/packing.py`); each micro-batch
+is one packed row: block-diagonal causal mask and per-sequence RoPE positions on the local spec, THD
+`PackedSeqParams` with Transformer Engine. Token t's log-prob comes from the logits at t - 1 of the
+same sample; a sample's first token gets none (0). Every result is a flat [T] vector aligned with the
+batch's tokens.
 
-    input_ids       [B, S] int64   prompt (may be left-padded) followed by the response (right-padded)
-    attention_mask  [B, S]         1 for real tokens (optional: all ones)
-    position_ids    [B, S]         optional: cumsum(attention_mask) - 1
-    response_mask   [B, R]         1 for response tokens that count (the last R columns of input_ids)
-    old_log_prob, advantages [, ref_log_prob, sample_ids]   [B, R] (training only)
-
-Position t's logits predict token t+1, so the log-probs of the response tokens ``input_ids[:, S-R:]``
-come from logits ``[:, S-R-1 : S-1]``. The loss function receives this rank's vocab shard of the
-logits and calls `pipeline.ops.vocab_parallel_logprob_entropy` (no gather of the vocab, no fp32 copy
-of the shard) and then the loss library, scaled so that the schedule's division by the number of
-micro-batches and DDP's averaging over data-parallel ranks are undone: the gradient is that of
-Σ_micro-batches Σ_DP apply_loss, which the loss library defines as the global mini-batch loss.
+The loss function receives this rank's vocab shard of the logits and calls
+`pipeline.ops.vocab_parallel_logprob_entropy` (no gather of the vocab, no fp32 copy of the shard) and
+then the loss library, scaled so that the schedule's division by the number of micro-batches and DDP's
+averaging over data-parallel ranks are undone: the gradient is that of Σ_micro-batches Σ_DP
+apply_loss, which the loss library defines as the global mini-batch loss.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -37,9 +38,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from pipeline.actor import packing
 from pipeline.actor.config import ActorConfig, check_layout
-from pipeline.actor.model import DTYPES, build_model
+from pipeline.actor.model import DTYPES, build_model, uses_transformer_engine
 from pipeline.actor.weights import load_hf_weights, unwrap
+from pipeline.batch import Batch
 from pipeline.ops import vocab_parallel_logprob_entropy
 
 
@@ -59,20 +62,6 @@ def initialize_parallel(cfg: ActorConfig, hf_config: dict) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-
-def _attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, 1, S, S] bool, True = masked (causal + padding keys); None when there is no padding."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None  # megatron's default causal mask
-    s = attention_mask.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool).tril_()
-    keep = causal[None] & attention_mask.bool()[:, None, :]
-    return ~keep[:, None]
-
-
 class MegatronActor:
     """This rank's model chunks, optimizer and LR schedule, and the verbs of the RL loop."""
 
@@ -80,9 +69,19 @@ class MegatronActor:
         self.cfg = cfg
         self.hf_config = hf_config
         chunks = build_model(hf_config, cfg)
+        # Packed rows: THD with Transformer Engine, else a block-diagonal mask and RoPE at each
+        # token's position in its own sample (megatron's RoPE would use the row's positions).
+        self.thd = uses_transformer_engine()
+        for c in chunks:
+            if not self.thd and getattr(c, "rotary_pos_emb", None) is not None:
+                packing.sequence_positions(c.rotary_pos_emb)
         if hf_dir is not None:
             load_hf_weights(chunks, hf_dir, hf_config)
         self.config = chunks[0].config
+        # Micro-batches hold different numbers of tokens: the pipeline sends shapes ahead of tensors,
+        # except under the interleaved schedule, where rows are padded to one length (packing.py).
+        self.pad_rows = cfg.virtual_stages > 1
+        self.config.variable_seq_lengths = cfg.pp > 1 and not self.pad_rows
         dtype = DTYPES[cfg.dtype]
         if dtype != torch.float32:
             chunks = [Float16Module(self.config, c) for c in chunks]
@@ -133,6 +132,9 @@ class MegatronActor:
         self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.step_count = 0
         self._reference: list[torch.Tensor] | None = None  # host copy of the frozen reference policy
+        # An extension point: loss_hook(step, mini_batch, loss) -> loss, called on every micro-batch's
+        # loss (the tests' fault injection installs one); None in production.
+        self.loss_hook = None
 
     # ------------------------------------------------------------------ reference policy
 
@@ -172,30 +174,60 @@ class MegatronActor:
     def is_last_stage(self) -> bool:
         return ps.is_pipeline_last_stage(ignore_virtual=True)
 
-    def _micro_batches(self, batch: dict) -> list[dict]:
-        ids = batch["input_ids"]
-        b, mbs = ids.shape[0], self.cfg.micro_batch_size
-        r = batch["response_mask"].shape[-1]
-        if ids.dim() != 2 or batch["response_mask"].shape[0] != b or not 0 < r < ids.shape[1]:
-            raise ValueError(
-                f"input_ids {tuple(ids.shape)} and response_mask {tuple(batch['response_mask'].shape)}: "
-                "expected [B, S] and [B, R] with 0 < R < S (the response is the last R tokens)"
+    def _bins(self, batch: Batch, count: int | None = None) -> list[list[int]]:
+        """Sample indices per micro-batch under the token budget (fixed rows without one); at least
+        `count`; under the interleaved schedule a multiple of PP (megatron runs micro-batches in
+        groups of PP per virtual stage)."""
+        budget, rows = self.cfg.max_tokens_per_micro_batch, self.cfg.micro_batch_size
+        bins = packing.micro_batches(batch.lengths, budget, rows=rows)
+        least = max(len(bins), count or 0)
+        if self.pad_rows:
+            least = -(-least // self.cfg.pp) * self.cfg.pp
+        return (
+            bins
+            if len(bins) == least
+            else packing.micro_batches(batch.lengths, budget, rows=rows, count=least)
+        )
+
+    def _pack(self, batch: Batch, bins: list[list[int]]) -> tuple[Batch, list[int], list[dict]]:
+        """(the batch reordered so each micro-batch is a consecutive token range, the order, micro-batches).
+
+        A micro-batch: its packed model inputs (rows: `packing.row_layout`) and its token range in the
+        reordered batch (None for an empty micro-batch, which runs two pad tokens so that every rank
+        runs the same count).
+        """
+        lengths = batch.lengths
+        layouts = []  # per micro-batch: its samples in row order, and the samples of each row
+        for b in bins:
+            rows = packing.row_layout([lengths[i] for i in b], self.thd) if b else []
+            layouts.append(([b[j] for row in rows for j in row], [len(row) for row in rows]))
+        order = [i for samples, _ in layouts for i in samples]
+        packed = batch.select(order)
+        cu = packed.cu_seqlens
+        pad_to = None
+        if self.pad_rows:  # one shape for the whole schedule: as many rows, each as long, as the largest
+            shapes = [(len(r), max(lengths[i] for i in s)) for s, r in layouts if s]
+            pad_to = (max(k for k, _ in shapes), max(n for _, n in shapes))
+        out, first = [], 0
+        for samples, row_sizes in layouts:
+            if not samples:  # an empty micro-batch: two pad tokens
+                inputs = packing.packed_inputs(
+                    cu.new_zeros(2), cu.new_tensor([0, 2]), thd=self.thd, pad_to=pad_to
+                )
+                out.append({"inputs": inputs, "tokens": None})
+                continue
+            last = first + len(samples)
+            t0, t1 = int(cu[first]), int(cu[last])
+            inputs = packing.packed_inputs(
+                packed.tokens[t0:t1],
+                cu[first : last + 1] - t0,
+                row_sizes=row_sizes,
+                thd=self.thd,
+                pad_to=pad_to,
             )
-        if b % mbs:
-            raise ValueError(f"mini-batch of {b} rows is not a multiple of actor.micro_batch_size={mbs}")
-        mask = batch.get("attention_mask")
-        pos = batch.get("position_ids")
-        if pos is None:
-            pos = _position_ids(mask) if mask is not None else torch.arange(ids.shape[1]).expand_as(ids)
-        out = []
-        for start in range(0, b, mbs):
-            rows = slice(start, start + mbs)
-            mb = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (b,)}
-            mb["position_ids"] = pos[rows].contiguous()
-            mb["attn"] = _attention_mask(mask[rows] if mask is not None else None)
-            mb["index"] = torch.arange(start, start + mbs)
-            out.append(mb)
-        return out
+            out.append({"inputs": inputs, "tokens": slice(t0, t1)})
+            first = last
+        return packed, order, out
 
     def _run_schedule(self, micro_batches: list[dict], loss_fn, *, forward_only: bool):
         """Run `micro_batches` through the pipeline schedule; returns the last stage's loss outputs."""
@@ -203,27 +235,37 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            logits = model(mb["input_ids"], mb["position_ids"], mb["attn"], **fwd_kwargs)
+            x = mb["inputs"]
+            rotary = getattr(unwrap(model), "rotary_pos_emb", None)
+            if rotary is not None and hasattr(rotary, "packed_positions"):
+                rotary.packed_positions = x.position_ids
+            logits = model(
+                x.input_ids,
+                x.position_ids,
+                x.attention_mask,
+                packed_seq_params=x.packed_seq_params,
+                **fwd_kwargs,
+            )
             return logits, functools.partial(loss_fn, mb)
 
-        seq = micro_batches[0]["input_ids"].shape[1]
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=[iter(micro_batches) for _ in self.chunks],
             model=self.chunks,
             num_microbatches=len(micro_batches),
-            seq_length=seq,
-            micro_batch_size=self.cfg.micro_batch_size,
+            seq_length=max(mb["inputs"].input_ids.shape[1] for mb in micro_batches),
+            micro_batch_size=max(mb["inputs"].input_ids.shape[0] for mb in micro_batches),
             forward_only=forward_only,
         )
 
     def _token_stats(self, mb: dict, logits: torch.Tensor, *, entropy: bool = True, influence: bool = False):
-        """Log-prob and entropy of the response tokens from this rank's logits shard [b, S, V/tp]."""
-        s = mb["input_ids"].shape[1]
-        r = mb["response_mask"].shape[1]
-        return vocab_parallel_logprob_entropy(
-            logits[:, s - r - 1 : s - 1],
-            mb["input_ids"][:, s - r :],
+        """Per token of the micro-batch's samples (flat, their order): log-prob (entropy, influence) of
+        predicting token t from the logits at t - 1 of this rank's shard [k, L, V/tp]; 0 at every
+        sample's first token."""
+        x = mb["inputs"]
+        out = vocab_parallel_logprob_entropy(
+            logits[:, :-1],
+            x.input_ids[:, 1:],
             tp_group=ps.get_tensor_model_parallel_group(),
             temperature=self.cfg.temperature,
             valid_vocab_size=self.hf_config["vocab_size"],
@@ -231,19 +273,53 @@ class MegatronActor:
             influence=influence,
         )
 
+        def aligned(v):  # position t - 1 predicts token t; across a sample boundary it predicts nothing
+            if v is None:
+                return None
+            return torch.where(x.first, 0.0, F.pad(v, (1, 0))).reshape(-1)[x.real].to(v.dtype)
+
+        return type(out)(*(aligned(v) for v in out))
+
+    def _forward_stats(self, micro_batches: list[dict], *, entropy: bool, influence: bool = False):
+        """No-grad forward of the micro-batches: per-token stats concatenated in their order (last stage)."""
+        for c in self.chunks:
+            c.eval()
+
+        def loss_fn(mb, logits):
+            if mb["tokens"] is None:
+                return logits.new_zeros((), dtype=torch.float32), {}
+            out = self._token_stats(mb, logits, entropy=entropy, influence=influence)
+            stats = {"log_prob": out.logprob}
+            if entropy:
+                stats["entropy"] = out.entropy
+            if influence:
+                stats["influence"] = out.influence
+            return logits.new_zeros((), dtype=torch.float32), stats
+
+        try:
+            with torch.no_grad():
+                outputs = self._run_schedule(micro_batches, loss_fn, forward_only=True)
+        finally:
+            for c in self.chunks:
+                c.train()
+        if not self.is_last_stage:
+            return None
+        outputs = [o for o in outputs if o]
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+
     # ------------------------------------------------------------------ verbs
 
     @torch.no_grad()
     def compute_log_prob(
         self,
-        batch: dict,
+        batch: Batch,
         *,
         entropy: bool = True,
         influence: bool = False,
         broadcast: bool = True,
         weights: str = "current",
-    ) -> dict:
-        """Per-token log-probs (and entropies) of the response tokens, no graph: {"log_prob": [B, R], ...}.
+    ) -> dict | None:
+        """Per-token log-probs (and entropies) of `batch`, no graph: {"log_prob": [T], ...} in its order.
 
         Computed on the last pipeline stage; with `broadcast` every rank of the pipeline gets them.
         `influence` adds the op's first-order entropy influence of each sampled token (telemetry).
@@ -254,24 +330,16 @@ class MegatronActor:
                 return self.compute_log_prob(batch, entropy=entropy, influence=influence, broadcast=broadcast)
         if weights != "current":
             raise ValueError(f"weights={weights!r}: expected 'current' or 'reference'")
-        for c in self.chunks:
-            c.eval()
-
-        def loss_fn(mb, logits):
-            out = self._token_stats(mb, logits, entropy=entropy, influence=influence)
-            stats = {"log_prob": out.logprob}
-            if entropy:
-                stats["entropy"] = out.entropy
-            if influence:
-                stats["influence"] = out.influence
-            return logits.new_zeros((), dtype=torch.float32), stats
-
-        try:
-            outputs = self._run_schedule(self._micro_batches(batch), loss_fn, forward_only=True)
-        finally:
-            for c in self.chunks:
-                c.train()
-        result = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]} if self.is_last_stage else None
+        result = None
+        if len(batch):
+            _, order, micro_batches = self._pack(batch, self._bins(batch))
+            flat = self._forward_stats(micro_batches, entropy=entropy, influence=influence)
+            if flat is not None:  # back to the batch's order
+                index = batch.token_index(order)
+                result = {k: v.new_zeros(batch.num_tokens).index_copy_(0, index, v) for k, v in flat.items()}
+        elif self.is_last_stage:
+            names = ["log_prob"] + ["entropy"] * entropy + ["influence"] * influence
+            result = {k: batch.tokens.new_zeros(0, dtype=torch.float32) for k in names}
         if broadcast and ps.get_pipeline_model_parallel_world_size() > 1:
             holder = [result]
             dist.broadcast_object_list(
@@ -282,67 +350,101 @@ class MegatronActor:
             result = holder[0]
         return result
 
-    def train_step(self, batch: dict, loss_cfg, *, step: int | None = None, inject_nan: bool = False) -> dict:
-        """One optimizer step on this rank's mini-batch with the loss library's `loss_cfg`.
+    def train_step(
+        self,
+        batch: Batch,
+        loss_cfg,
+        *,
+        step: int | None = None,
+        on_policy: bool = False,
+        mini_batch: int = 0,
+    ) -> dict:
+        """One optimizer step on this rank's samples with the loss library's `loss_cfg`.
+
+        The loss library declares what it needs before the training forward (`loss_needs`): methods
+        that select tokens by the current policy (Clip-Cov, KL-Cov, top-entropy, Archer, entropy-shaped
+        advantages) get a no-grad forward of the whole mini-batch first, except `on_policy` (the
+        weights are those that computed `batch.old_log_prob` and `old_entropy`), where those are the
+        current policy's values; ppo and cispo need only token counts. Every data-parallel rank runs
+        the same number of micro-batches.
 
         Returns metrics (the same on every rank): `loss` (the global mini-batch loss before the
         step), `grad_norm` (before clipping), `lr` (used by this step; megatron's warm-up starts
-        at `init_lr` = 0, so the first warm-up step does not move the parameters), and the loss
-        library's metrics.
+        at `init_lr` = 0, so the first warm-up step does not move the parameters), the loss
+        library's metrics, and `packing` (this rank's tokens, token slots and micro-batches).
 
         A non-finite current log-prob/entropy, loss or gradient on any rank skips the step on every
         rank (no parameter, optimizer or LR-schedule change) and returns `update_successful=False`
         with `nonfinite=1`; megatron's optimizers check for inf/NaN only under fp16 loss scaling.
-        `inject_nan` multiplies the loss by NaN (fault injection, to test that path end to end).
         """
-        from pipeline.algorithms import apply_loss, prepare_loss
+        from pipeline.algorithms import apply_loss, finish_metrics, loss_needs, prepare_loss, total_sums
 
         step = self.step_count if step is None else step
-        micro_batches = self._micro_batches(batch)
-        n_mb, dp = len(micro_batches), ps.get_data_parallel_world_size()
+        needs = loss_needs(loss_cfg)
+        dp_group, dp = ps.get_data_parallel_group(), ps.get_data_parallel_world_size()
+        bins = self._bins(batch)
+        count, fewest = _max_over(dp_group, len(bins), -len(batch))
+        if -fewest == 0:
+            raise ValueError("train_step: a data-parallel rank has no samples; give every rank at least one")
+        packed, _, micro_batches = self._pack(batch, self._bins(batch, count))
+        stats = {
+            "tokens": packed.num_tokens,
+            "slots": sum(mb["inputs"].input_ids.numel() for mb in micro_batches),
+            "micro_batches": len(micro_batches),
+        }
+        current: dict = {}
+        if on_policy:  # the weights that computed old_log_prob: their values are the current policy's
+            if needs.entropy and packed.old_entropy is None:
+                raise ValueError("train_step(on_policy=True): this loss needs batch.old_entropy")
+            current = {"log_prob": packed.old_log_prob, "entropy": packed.old_entropy}
+        elif needs.current_policy:
+            current = self._forward_stats(micro_batches, entropy=True) or {}
+        mask = packed.loss_mask.bool()
+        given = [v for v in current.values() if v is not None]
+        if _any_rank(bool(given) and not _finite(*given, mask=mask)):
+            return self._skipped_step(stats)
         plan = None
-        current = None
-        if self.is_last_stage:
-            # The current policy over the whole mini-batch: parameters do not change within it,
-            # so these equal the training forward's values; the loss library's global statistics
-            # (normalisers, covariance centring, quantiles) are computed from them over DP.
-            current = self.compute_log_prob(batch, entropy=True, broadcast=False)
-        else:
-            self.compute_log_prob(batch, entropy=True, broadcast=False)
-        mask = batch["response_mask"].bool()
-        if _any_rank(current is not None and not _finite(current["log_prob"], current["entropy"], mask=mask)):
-            return self._skipped_step()
         if self.is_last_stage:
             plan = prepare_loss(
                 loss_cfg,
-                current["log_prob"],
-                batch["old_log_prob"],
-                batch["advantages"],
-                batch["response_mask"],
-                entropy=current["entropy"],
-                ref_log_prob=batch.get("ref_log_prob"),
-                sample_ids=batch.get("sample_ids"),
+                current.get("log_prob"),
+                packed.old_log_prob,
+                packed.advantages,
+                packed.loss_mask,
+                segments=packed.segments(),
+                positions=packed.positions(),
+                entropy=current.get("entropy"),
+                ref_log_prob=packed.ref_log_prob,
+                sample_ids=packed.sample_ids,
                 step=step,
-                dp_group=ps.get_data_parallel_group(),
+                dp_group=dp_group,
             )
+        n_mb = len(micro_batches)
 
         def loss_fn(mb, logits):
+            t = mb["tokens"]
+            if t is None:  # an empty micro-batch: no loss, no gradient
+                return logits[..., :1].sum() * 0.0, {"loss": logits.new_zeros(()), "sums": None}
             out = self._token_stats(mb, logits, entropy=True)
-            loss, metrics = apply_loss(
+            if not _finite(out.logprob, out.entropy, mask=mask[t]):  # skipped below, on every rank
+                loss = logits[..., :1].sum() * float("nan")
+                return loss, {"loss": loss.detach(), "sums": None}
+            ref = packed.ref_log_prob
+            loss, sums = apply_loss(
                 loss_cfg,
-                plan.rows(mb["index"]),
+                plan.rows(t),
                 out.logprob,
-                mb["old_log_prob"],
-                mb["advantages"],
-                mb["response_mask"],
+                packed.old_log_prob[t],
+                packed.advantages[t],
+                packed.loss_mask[t],
                 entropy=out.entropy,
-                ref_log_prob=mb.get("ref_log_prob"),
+                ref_log_prob=None if ref is None else ref[t],
             )
-            if inject_nan:
-                loss = loss * float("nan")
+            if self.loss_hook is not None:
+                loss = self.loss_hook(step, mini_batch, loss)
             # The schedule divides by n_mb and DDP averages over dp: multiply both back so the
             # gradient is that of the sum of apply_loss over micro-batches and DP ranks.
-            return loss * (n_mb * dp), {"loss": loss.detach(), **metrics}
+            return loss * (n_mb * dp), {"loss": loss.detach(), "sums": sums}
 
         for c in self.chunks:
             c.zero_grad_buffer()
@@ -353,21 +455,16 @@ class MegatronActor:
             for c in self.chunks:
                 c.zero_grad_buffer()
             self.optimizer.zero_grad()
-            return self._skipped_step()
+            return self._skipped_step(stats)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step_count += 1
         metrics = None
         if self.is_last_stage:
-            # apply_loss's metrics are additive parts (`*_sum`): sum them over micro-batches and
-            # DP ranks; plan.metrics are already global.
-            keys = [k for k in outputs[0] if k == "loss" or k.endswith("_sum")]
-            sums = torch.tensor([[_as_float(o[k]) for k in keys] for o in outputs], dtype=torch.float64).sum(
-                0
-            )
-            dist.all_reduce(sums, group=ps.get_data_parallel_group())
-            metrics = {**_floats(plan.metrics or {}), **dict(zip(keys, sums.tolist(), strict=True))}
+            # apply_loss's sums are additive: add them over micro-batches and DP ranks, then normalise
+            totals = total_sums([o["sums"] for o in outputs if o["sums"] is not None], dp_group)
+            metrics = _floats(finish_metrics(loss_cfg, plan, totals))
             metrics["update_successful"] = bool(ok)
         holder = [metrics]
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -380,6 +477,7 @@ class MegatronActor:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = lr
         metrics["nonfinite"] = 0
+        metrics["packing"] = stats
         return metrics
 
     def _grads_finite(self) -> bool:
@@ -390,7 +488,7 @@ class MegatronActor:
                     return False
         return True
 
-    def _skipped_step(self) -> dict:
+    def _skipped_step(self, stats: dict) -> dict:
         """Metrics of a step skipped for a non-finite value (the same on every rank)."""
         return {
             "loss": float("nan"),
@@ -398,6 +496,7 @@ class MegatronActor:
             "nonfinite": 1,
             "grad_norm": float("nan"),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "packing": stats,
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -482,11 +581,16 @@ def _finite(*tensors: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank of the world (one tiny all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+    return _max_over(None, int(flag))[0] > 0
+
+
+def _max_over(group, *values: int) -> list[int]:
+    """The maximum of each integer over `group` (None = the world), in one all-reduce."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.cuda.is_available() and dist.get_backend(group) == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
 
 
 def _rng_state() -> dict:

@@ -24,7 +24,8 @@ class ActorConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
     vpp: int | None = None  # virtual pipeline chunks per PP rank (None = not interleaved)
-    micro_batch_size: int = 1  # sequences per micro-batch through the pipeline schedule
+    max_tokens_per_micro_batch: int | None = None  # token budget of a packed micro-batch (null = fixed rows)
+    micro_batch_size: int = 1  # samples per micro-batch when max_tokens_per_micro_batch is null
     dtype: str = "float32"  # parameter/compute dtype: float32, bfloat16 or float16
     lr: float = 1e-6  # peak learning rate
     min_lr: float = 0.0  # learning rate at the end of the decay
@@ -47,6 +48,11 @@ class ActorConfig:
         for name in ("tp", "pp", "micro_batch_size", "make_vocab_size_divisible_by"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"actor.{name}={getattr(self, name)}: must be >= 1")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 2:
+            raise ConfigError(
+                f"actor.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: must be >= 2 tokens "
+                "(at least the longest prompt plus a response), or null for fixed rows of micro_batch_size"
+            )
         if self.vpp is not None:
             if self.vpp < 1:
                 raise ConfigError(f"actor.vpp={self.vpp}: use null (no interleaving) or an integer >= 1")

@@ -19,13 +19,17 @@ from pipeline.algorithms.kl import kl_estimate
 from pipeline.algorithms.losses import (
     METHODS,
     LossPlan,
+    Needs,
     aggregation_weights,
     apply_loss,
+    finish_metrics,
     get_method,
+    loss_needs,
     policy_loss,
     prepare_loss,
     row_quantile,
     token_covariance,
+    total_sums,
 )
 
 __all__ = [
@@ -35,14 +39,17 @@ __all__ = [
     "EntropyControlConfig",
     "LossConfig",
     "LossPlan",
+    "Needs",
     "aggregation_weights",
     "apply_loss",
     "compute_advantages",
     "dr_grpo_advantages",
     "entropy_shaped_advantages",
+    "finish_metrics",
     "get_method",
     "grpo_advantages",
     "kl_estimate",
+    "loss_needs",
     "masked_whiten",
     "measure_entropy",
     "policy_loss",
@@ -52,4 +59,5 @@ __all__ = [
     "rloo_advantages",
     "row_quantile",
     "token_covariance",
+    "total_sums",
 ]

@@ -1,21 +1,35 @@
-"""Policy losses of the entropy-control methods, split into a no-grad plan and a differentiable apply.
+"""Policy losses of the entropy-control methods on flat token vectors: a no-grad plan, a differentiable
+apply, and the metrics of the whole mini-batch.
 
-    plan = prepare_loss(cfg, log_prob, old_log_prob, advantages, mask, entropy=..., dp_group=dp)
-    for index in micro_batches:                      # rows of this rank's mini-batch
-        loss, m = apply_loss(cfg, plan.rows(index), log_prob_mb, old_mb, adv_mb, mask_mb, entropy=H_mb)
+    needs = loss_needs(cfg)                # what the plan must see before the training forward
+    plan = prepare_loss(cfg, log_prob, old_log_prob, advantages, mask, segments=seg, sample_ids=ids,
+                        entropy=H, dp_group=dp)          # no grad, collective; log_prob/H only if needed
+    for tokens in micro_batches:           # slices of this rank's flat token vectors
+        loss, sums = apply_loss(cfg, plan.rows(tokens), log_prob_mb, old_mb, adv_mb, mask_mb, entropy=H_mb)
         loss.backward()
+    metrics = finish_metrics(cfg, plan, sums added over micro-batches and data-parallel ranks)
 
-`prepare_loss` sees the whole mini-batch held by this rank (no grad; parameters do not change within a
-mini-batch, so its log-probs/entropies equal those of the training forward) and computes, collectively
-over `dp_group`, every statistic that depends on the whole batch: normalisers, covariance centring,
-Clip-Cov candidates and pick, KL-Cov top-k, the top-entropy threshold, Archer's subset counts. They end
-up in a `LossPlan` of per-token weights, so the loss is a sum over tokens and
+Inputs are flat token vectors `[N]`: this rank's sequences back to back, how they were packed does not
+matter. `segments` `[N]` names each token's sequence (an index into `sample_ids`, the sequences' stable
+ids); `positions` `[N]` (optional) its position in its sample. What is per sequence (seq-mean
+aggregation, the number of sequences, Archer's per-response quantile, Clip-Cov's hash of (sample id,
+position)) is computed from them. A padded `[B, L]` layout (row i = sequence i, position = column) is
+accepted too: it is flattened, and the plan it returns has `[B, L]` fields.
+
+`prepare_loss` sees the whole mini-batch held by this rank and computes, collectively over `dp_group`,
+every statistic that depends on the whole batch: normalisers, covariance centring, Clip-Cov candidates and
+pick, KL-Cov top-k, the top-entropy threshold, Archer's subset counts. Only the methods that select
+tokens by the current policy need its log-probs or entropies here (`loss_needs`); ppo and cispo need only
+token counts. The statistics end up in a `LossPlan` of per-token weights, so the loss is a sum over tokens
+and
 
     sum over ranks and micro-batches of apply_loss(...) == policy_loss(...) on the whole batch
 
-(value and gradients w.r.t. log_prob and entropy). With `global_stats=False` nothing is communicated
-and every statistic is over the tensors passed to `prepare_loss` (call it per micro-batch to
-reproduce the reference repositories; see `docs/algorithms.md` for the differences).
+(value and gradients w.r.t. log_prob and entropy). `apply_loss` also returns additive sums (clipped
+tokens, KL, entropy, ...) from the training forward; `finish_metrics` turns their totals into the
+mini-batch's metrics. With `global_stats=False` nothing is communicated and every statistic is over the
+tensors passed to `prepare_loss` (call it per micro-batch to reproduce the reference repositories; see
+`docs/algorithms.md` for the differences).
 
 The total loss is  sum_t pg_weight_t * l_t  +  sum_t kl_weight_t * KL_t  -  entropy_coef * sum_t weight_t * H_t
 with l_t the method's per-token loss (registry `METHODS`), `weight` the aggregation weight of
@@ -39,10 +53,11 @@ from pipeline.algorithms.kl import kl_estimate
 from pipeline.algorithms.stats import (
     all_reduce_max,
     all_reduce_sums,
+    flat_token_hash,
+    flat_token_ids,
     float_order_key,
     key_to_float,
-    token_hash,
-    token_ids,
+    segment_quantile,
     topk_mask,
 )
 
@@ -51,17 +66,23 @@ Tensor = torch.Tensor
 
 @dataclass(kw_only=True)
 class LossPlan:
-    """Per-token weights and selections of one mini-batch (rows = this rank's rows), plus global metrics.
+    """Per-token weights and selections of one mini-batch (this rank's tokens), plus global statistics.
 
-    mask        [B, L] bool  valid response tokens
-    weight      [B, L]       aggregation weight incl. the global normaliser (entropy bonus, kl_coef term)
-    pg_weight   [B, L]       weight of the per-token policy loss (top-entropy selection, Clip-Cov zeros)
-    kl_weight   [B, L]|None  weight of the per-token reference KL (kl_coef * weight + Archer's subset terms)
-    advantages  [B, L]|None  entropy-shaped advantages (None: apply_loss uses the advantages passed)
-    clip_low/high [B,L]|None per-token clip offsets (Archer; None: cfg.clip_ratio_low/high)
-    penalty     [B, L]|None  KL-Cov: beta on selected tokens, 0 elsewhere
+    Tensor fields are per token: [N] for flat input, [B, L] for the padded layout.
+    mask        bool         valid tokens (the loss mask)
+    weight                   aggregation weight incl. the global normaliser (entropy bonus, kl_coef term)
+    pg_weight                weight of the per-token policy loss (top-entropy selection, Clip-Cov zeros)
+    kl_weight   |None        weight of the per-token reference KL (kl_coef * weight + Archer's subset terms)
+    advantages  |None        entropy-shaped advantages (None: apply_loss uses the advantages passed)
+    clip_low/high |None      per-token clip offsets (Archer; None: cfg.clip_ratio_low/high)
+    penalty     |None        KL-Cov: beta on selected tokens, 0 elsewhere
+    archer_high |None bool   Archer: the high-entropy tokens of each response (for its KL metrics)
+    archer_agg  |None        Archer: each token's aggregation weight within its entropy subset
+    high_entropy |None bool  the top-20 % entropy tokens of the mini-batch (by_entropy metrics), when
+                             entropies were given
     entropy_coef float       coefficient of the entropy bonus (cfg.entropy_coef or the controller's alpha)
-    metrics     dict         global metrics of the mini-batch (over dp_group when global_stats)
+    counts      dict         global token counts the metrics are normalised by
+    metrics     dict         global metrics of the selections (over dp_group when global_stats)
     """
 
     mask: Tensor
@@ -72,21 +93,26 @@ class LossPlan:
     clip_low: Tensor | None = None
     clip_high: Tensor | None = None
     penalty: Tensor | None = None
+    archer_high: Tensor | None = None
+    archer_agg: Tensor | None = None
+    high_entropy: Tensor | None = None
     entropy_coef: float = 0.0
+    counts: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
     def rows(self, index) -> LossPlan:
-        """The plan restricted to the rows `index` (LongTensor, bool tensor or slice) of one micro-batch."""
-        changes = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                changes[f.name] = v[index]
+        """The plan restricted to `index` (LongTensor, bool tensor or slice) along the first dimension:
+        tokens of one micro-batch (flat), or rows (padded layout)."""
+        return self._map(lambda v: v[index])
+
+    def _map(self, fn) -> LossPlan:
+        changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}  # fmt: skip
         return dataclasses.replace(self, **changes)
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-token losses, one per method. Each returns (loss [B, L], clipped [B, L] bool, clipped_lower).
+# Per-token losses, one per method. Each returns (loss, clipped bool, clipped_lower), per token.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -168,8 +194,7 @@ def archer_loss(cfg: LossConfig, plan: LossPlan, log_prob, old_log_prob, advanta
     Per response, tokens with H > nanquantile(H, archer_entropy_quantile) are "high entropy": clip
     offset archer_clip_high_entropy and KL weight archer_kl_coef_high_entropy; the others get
     archer_clip_low_entropy / archer_kl_coef_low_entropy. Dual clip (clip_ratio_c) for all A < 0.
-    Each KL term is aggregated over its own subset with loss_agg_mode (token-mean: the subset's mean;
-    `plan.kl_weight`, built in `_prepare_archer`), as the reference's `agg_loss(kld, subset, mode)`.
+    Each KL term is a mean over its own subset (`plan.kl_weight`, built in `_prepare_archer`).
     """
     return ppo_clip_per_token(
         log_prob, old_log_prob, advantages, plan.clip_low, plan.clip_high, cfg.clip_ratio_c
@@ -178,9 +203,32 @@ def archer_loss(cfg: LossConfig, plan: LossPlan, log_prob, old_log_prob, advanta
 
 @dataclass(frozen=True)
 class Method:
+    """A loss method: its per-token loss, its batch statistics, and what it needs to compute them.
+
+    This description is the one place a method declares its inputs: the actor reads `loss_needs(cfg)`
+    to decide which forwards to run before the training forward, the trainer to decide whether a
+    reference policy is kept.
+    """
+
     per_token: Callable  # (cfg, plan, log_prob, old_log_prob, advantages) -> (loss, clipped, clipped_lower)
     prepare: Callable | None = None  # (ctx) -> (plan fields, local metric sums); no grad, may communicate
-    needs_entropy: bool = False
+    needs_log_prob: bool = False  # prepare reads the current policy's log-probs over the whole mini-batch
+    needs_entropy: bool = False  # prepare reads the current policy's entropies over the whole mini-batch
+    needs_reference: Callable[[LossConfig], bool] = lambda cfg: False  # its own reference-KL terms
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss configuration needs besides old log-probs, advantages and the loss mask."""
+
+    log_prob: bool  # current-policy log-probs of the whole mini-batch before the training forward
+    entropy: bool  # current-policy entropies of the whole mini-batch before the training forward
+    reference: bool  # ref_log_prob (a frozen reference policy and its forward)
+
+    @property
+    def current_policy(self) -> bool:
+        """A no-grad forward of the mini-batch before training (or, on-policy, the old forward's values)."""
+        return self.log_prob or self.entropy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,18 +239,25 @@ class Method:
 @dataclass
 class _Ctx:
     cfg: LossConfig
-    log_prob: Tensor
+    log_prob: Tensor | None
     old_log_prob: Tensor
     advantages: Tensor
     mask: Tensor
     entropy: Tensor | None
-    ref_log_prob: Tensor | None
-    sample_ids: Tensor
+    segments: Tensor  # [N] sequence index of each token
+    n_seqs_local: int  # sequences of this rank (segments index [0, n))
+    token_sample_ids: Tensor  # [N] the stable id of each token's sample
+    positions: Tensor  # [N] each token's position in its sample
     step: int
     group: object
     n_tokens: float
     n_seqs: float
     length_const: float
+
+    def per_sequence(self, part: Tensor) -> Tensor:
+        """[N]: how many tokens of `part` each token's sequence holds."""
+        counts = torch.zeros(self.n_seqs_local, dtype=torch.float64, device=part.device)
+        return counts.index_add_(0, self.segments, part.double())[self.segments]
 
 
 @torch.no_grad()
@@ -210,6 +265,7 @@ def token_covariance(log_prob: Tensor, advantages: Tensor, response_mask: Tensor
     """Cov_t = (log pi_t - mean log pi)(A_t - mean A) (arXiv 2505.22617 §4), 0 on padding.
 
     Means over the valid tokens of the whole mini-batch (all-reduced over `dp_group` when given).
+    Any layout: the tensors are per token.
     """
     m = response_mask.bool()
     lp, adv = torch.where(m, log_prob, 0), torch.where(m, advantages, 0)
@@ -228,16 +284,14 @@ def _prepare_clip_cov(ctx: _Ctx):
     _, clipped, _ = clip_cov_loss(cfg, None, ctx.log_prob, ctx.old_log_prob, ctx.advantages)
     cand = m & ~clipped & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
     clip_num = max(int(cfg.clip_cov_ratio * ctx.n_tokens), 1)
-    L = m.shape[1]
     # smallest hash first: the largest of its bitwise complement; token ids break (impossible) ties
-    key = ~token_hash(ctx.sample_ids, L, cfg.seed, ctx.step)
-    picked, _ = topk_mask(key, cand, clip_num, token_ids(ctx.sample_ids, L), ctx.group)
+    key = ~flat_token_hash(ctx.token_sample_ids, ctx.positions, cfg.seed, ctx.step)
+    picked, _ = topk_mask(key, cand, clip_num, flat_token_ids(ctx.token_sample_ids, ctx.positions), ctx.group)
     sums = {
         "clip_cov/candidates": cand.sum(),
         "clip_cov/selected": picked.sum(),
         "clip_cov/cov_selected_sum": torch.where(picked, cov, 0).sum(),
         "clip_cov/cov_sum": cov.sum(),
-        "ppo_clipped_sum": (m & clipped).sum(),
     }
     return {"keep": ~picked}, sums
 
@@ -246,52 +300,56 @@ def _prepare_kl_cov(ctx: _Ctx):
     cfg, m = ctx.cfg, ctx.mask
     cov = _centred_cov(ctx)
     k = max(1, int(cfg.kl_cov_ratio * ctx.n_tokens))
-    L = m.shape[1]
-    sel, _ = topk_mask(float_order_key(cov), m, k, token_ids(ctx.sample_ids, L), ctx.group)
-    penalty = sel.to(ctx.log_prob.dtype) * cfg.kl_cov_coef
-    abs_lr = (ctx.log_prob - ctx.old_log_prob).clamp(-20, 20).abs()
+    tie = flat_token_ids(ctx.token_sample_ids, ctx.positions)
+    sel, _ = topk_mask(float_order_key(cov), m, k, tie, ctx.group)
+    penalty = sel.to(ctx.old_log_prob.dtype) * cfg.kl_cov_coef
     sums = {
         "kl_cov/selected": sel.sum(),
         "kl_cov/cov_selected_sum": torch.where(sel, cov, 0).sum(),
         "kl_cov/cov_sum": cov.sum(),
-        "kl_cov/penalty_sum": torch.where(sel, abs_lr * cfg.kl_cov_coef, 0).sum(),
     }
     return {"penalty": penalty}, sums
 
 
 def row_quantile(values: Tensor, mask: Tensor, q: float) -> Tensor:
-    """Per-row q-quantile of the valid entries with linear interpolation, = `torch.nanquantile(dim=-1)`
-    with padding as NaN, but without its 16M-element input limit. Rows without valid entries: +inf."""
-    mask = mask.bool()
-    vals = torch.where(mask, values, torch.full_like(values, float("inf"))).sort(dim=-1).values
-    pos = q * (mask.sum(-1, keepdim=True) - 1).clamp(min=0).to(values.dtype)
-    lo, hi = pos.floor().long(), pos.ceil().long()
-    v_lo, v_hi = vals.gather(-1, lo), vals.gather(-1, hi)
-    return torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, pos - lo))
+    """Per-row q-quantile of the valid entries of a [B, L] layout, [B, 1] (`segment_quantile` per row):
+    `torch.nanquantile(dim=-1)` with padding as NaN, without its 16M-element limit. Empty rows: +inf."""
+    b, length = values.shape
+    rows = torch.arange(b, device=values.device).repeat_interleave(length)
+    return segment_quantile(values.reshape(-1), mask.reshape(-1), rows, b, q)[:, None]
 
 
 def _prepare_archer(ctx: _Ctx):
     cfg, m = ctx.cfg, ctx.mask
     h = ctx.entropy
-    threshold = row_quantile(h, m, cfg.archer_entropy_quantile)  # per response, [B, 1]
-    high = m & (h > threshold)
+    # per response: the quantile of its own valid tokens' entropies
+    threshold = segment_quantile(h, m, ctx.segments, ctx.n_seqs_local, cfg.archer_entropy_quantile)
+    high = m & (h > threshold[ctx.segments])
     low = m & ~high
-    dt = ctx.log_prob.dtype
+    dt = ctx.old_log_prob.dtype
     eps_high = torch.tensor(cfg.archer_clip_high_entropy, dtype=dt)
     eps = torch.where(high, eps_high, torch.tensor(cfg.archer_clip_low_entropy, dtype=dt))
     # each KL term is agg(KL, subset, loss_agg_mode) as in the reference (`agg_loss(kld, subset_mask,
     # loss_agg_mode)`): token-mean divides by the subset's size, the seq-mean modes by the batch's B
     n_low, n_high = all_reduce_sums([low.sum(), high.sum()], ctx.group)
-    kl_weight = torch.zeros_like(ctx.log_prob)
+    agg = torch.zeros_like(ctx.old_log_prob)  # each token's weight in its own subset's aggregate
+    kl_weight = torch.zeros_like(ctx.old_log_prob)
+    for part, n, coef in (
+        (low, n_low, cfg.archer_kl_coef_low_entropy),
+        (high, n_high, cfg.archer_kl_coef_high_entropy),
+    ):
+        w = aggregation_weights(cfg.loss_agg_mode, part, max(n, 1.0), ctx.n_seqs, ctx.length_const, dt,
+                                ctx.per_sequence(part))  # fmt: skip
+        agg, kl_weight = agg + w, kl_weight + coef * w
     sums = {"archer/n_high": high.sum()}
-    kl = None if ctx.ref_log_prob is None else kl_estimate(cfg.kl_estimator, ctx.log_prob, ctx.ref_log_prob)
-    for name, part, n, coef in (("low", low, n_low, cfg.archer_kl_coef_low_entropy),
-                                ("high", high, n_high, cfg.archer_kl_coef_high_entropy)):  # fmt: skip
-        w = aggregation_weights(cfg.loss_agg_mode, part, max(n, 1.0), ctx.n_seqs, ctx.length_const, dt)
-        kl_weight = kl_weight + coef * w
-        if kl is not None:
-            sums[f"archer/{name}_entropy_kl"] = (w * kl).sum()
-    return {"clip_low": eps, "clip_high": eps, "archer_kl_weight": kl_weight}, sums
+    fields = {
+        "clip_low": eps,
+        "clip_high": eps,
+        "archer_kl_weight": kl_weight,
+        "archer_high": high,
+        "archer_agg": agg,
+    }
+    return fields, sums
 
 
 def _archer_needs_ref(cfg: LossConfig) -> bool:
@@ -301,9 +359,9 @@ def _archer_needs_ref(cfg: LossConfig) -> bool:
 METHODS: dict[str, Method] = {
     "ppo": Method(ppo_loss),
     "cispo": Method(cispo_loss),
-    "clip_cov": Method(clip_cov_loss, _prepare_clip_cov),
-    "kl_cov": Method(kl_cov_loss, _prepare_kl_cov),
-    "archer": Method(archer_loss, _prepare_archer, needs_entropy=True),
+    "clip_cov": Method(clip_cov_loss, _prepare_clip_cov, needs_log_prob=True),
+    "kl_cov": Method(kl_cov_loss, _prepare_kl_cov, needs_log_prob=True),
+    "archer": Method(archer_loss, _prepare_archer, needs_entropy=True, needs_reference=_archer_needs_ref),
 }
 
 
@@ -313,7 +371,27 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def aggregation_weights(mode: str, mask: Tensor, n_tokens: float, n_seqs: float, length_const: float, dtype):
+def loss_needs(cfg: LossConfig) -> Needs:
+    """What `cfg` needs before the training forward: the method's own needs plus the composable
+    options (top-entropy selection and entropy-shaped advantages read entropies; kl_coef a reference).
+    The entropy bonus needs only the training forward's entropy, which the actor always computes."""
+    method = get_method(cfg.method)
+    return Needs(
+        log_prob=method.needs_log_prob,
+        entropy=method.needs_entropy or cfg.top_entropy_ratio < 1.0 or cfg.adv_entropy_shaping,
+        reference=cfg.kl_coef > 0 or method.needs_reference(cfg),
+    )
+
+
+def aggregation_weights(
+    mode: str,
+    mask: Tensor,
+    n_tokens: float,
+    n_seqs: float,
+    length_const: float,
+    dtype,
+    seq_tokens: Tensor | None = None,
+):
     """Per-token weights w with  sum_t w_t l_t == agg(l)  over the (global) batch.
 
     token-mean              m / N                 (N = valid tokens of the mini-batch, all ranks)
@@ -321,15 +399,16 @@ def aggregation_weights(mode: str, mask: Tensor, n_tokens: float, n_seqs: float,
     seq-mean-token-sum      m / B
     seq-mean-token-sum-norm m / (L_const * B)     (Dr.GRPO: 1/G over responses kept; verl PR #5417)
 
-    `mask` may be a subset of the response tokens (top-entropy selection, Archer's KL subsets): then
-    N and |o_i| count the subset, while B stays the batch's responses, as the reference's
-    `agg_loss(loss, subset_mask, mode)` does (`torch.mean` over all rows).
+    |o_i| per token: `seq_tokens` (the tokens of `mask` in its sequence; flat input), else the row
+    sums of a [B, L] mask. `mask` may be a subset of the response tokens (top-entropy selection,
+    Archer's KL subsets): then N and |o_i| count the subset, while B stays the batch's responses, as
+    the reference's `agg_loss(loss, subset_mask, mode)` does (`torch.mean` over all rows).
     """
     mf = mask.to(dtype)
     if mode == "token-mean":
         return mf / n_tokens
     if mode == "seq-mean-token-mean":
-        row = mf.sum(-1, keepdim=True)
+        row = mf.sum(-1, keepdim=True) if seq_tokens is None else seq_tokens.to(dtype)
         return mf / (row.clamp(min=1) * n_seqs)
     if mode == "seq-mean-token-sum":
         return mf / n_seqs
@@ -339,7 +418,7 @@ def aggregation_weights(mode: str, mask: Tensor, n_tokens: float, n_seqs: float,
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks
+# Input checks and layouts
 # ----------------------------------------------------------------------------------------------
 
 
@@ -360,41 +439,53 @@ def _needs_ref(cfg: LossConfig) -> list[str]:
     why = []
     if cfg.kl_coef > 0:
         why.append(f"kl_coef={cfg.kl_coef}")
-    if cfg.method == "archer" and _archer_needs_ref(cfg):
-        why.append("method=archer with archer_kl_coef_*_entropy > 0")
+    if get_method(cfg.method).needs_reference(cfg):
+        why.append(f"method={cfg.method} with its KL coefficients > 0")
     return why
 
 
 def _check_inputs(
-    cfg, log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob, entropy_coef
+    cfg, named: dict, mask_name: str, entropy_coef: float, *, flat: bool, log_prob_needed: bool
 ):
-    """Shapes, required inputs and finiteness on valid tokens; returns the mask as bool."""
-    if not isinstance(log_prob, Tensor) or log_prob.dim() != 2:
-        raise ValueError(f"log_prob must be a [B, L] tensor; got shape {getattr(log_prob, 'shape', None)}")
-    shape = log_prob.shape
-    named = {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask}
-    named |= {"entropy": entropy, "ref_log_prob": ref_log_prob}
+    """Shapes, required inputs and finiteness on valid tokens; returns the mask as bool.
+
+    `named` maps names to tensors (or None) in the order of the signature; the first given one
+    fixes the shape every other must have.
+    """
+    ref_name = "log_prob" if named.get("log_prob") is not None else "old_log_prob"
+    first = named[ref_name]
+    dim = 1 if flat else 2
+    if not isinstance(first, Tensor) or first.dim() != dim:
+        raise ValueError(
+            f"{ref_name} must be a [B, L] tensor, or a flat [N] one with segments=; got shape "
+            f"{tuple(getattr(first, 'shape', ()))}"
+        )
+    shape = first.shape
     for name, t in named.items():
         if t is not None and (not isinstance(t, Tensor) or t.shape != shape):
             raise ValueError(
-                f"{name} has shape {tuple(getattr(t, 'shape', ()))}, expected {tuple(shape)} like log_prob"
+                f"{name} has shape {tuple(getattr(t, 'shape', ()))}, expected {tuple(shape)} like {ref_name}"
             )
-    if not log_prob.is_floating_point():
-        raise ValueError(f"log_prob must be floating point, got {log_prob.dtype}")
+    if not first.is_floating_point():
+        raise ValueError(f"{ref_name} must be floating point, got {first.dtype}")
+    if log_prob_needed and named.get("log_prob") is None:
+        raise ValueError(
+            f"log_prob (the current policy's, over the whole mini-batch) is required by method={cfg.method}"
+        )
     why = _needs_entropy(cfg, entropy_coef)
-    if why and entropy is None:
-        raise ValueError(f"entropy (full-vocabulary, [B, L]) is required by {', '.join(why)}; pass entropy=")
+    if why and named.get("entropy") is None:
+        raise ValueError(
+            f"entropy (full-vocabulary, per token) is required by {', '.join(why)}; pass entropy="
+        )
     why = _needs_ref(cfg)
-    if why and ref_log_prob is None:
+    if why and named.get("ref_log_prob") is None:
         raise ValueError(
             f"ref_log_prob is required by {', '.join(why)}; pass ref_log_prob= or set the coef to 0"
         )
-    mask = response_mask.bool()
-    checked = {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages}
-    checked |= {"entropy": entropy, "ref_log_prob": ref_log_prob}
-    for name, t in checked.items():
-        if t is not None and not bool(torch.isfinite(t.detach()[mask]).all()):
-            raise ValueError(f"{name} contains NaN or inf on valid (response_mask=1) tokens")
+    mask = named[mask_name].bool()
+    for name, t in named.items():
+        if name != mask_name and t is not None and not bool(torch.isfinite(t.detach()[mask]).all()):
+            raise ValueError(f"{name} contains NaN or inf on valid ({mask_name}=1) tokens")
     return mask
 
 
@@ -403,19 +494,62 @@ def _clean(t: Tensor | None, mask: Tensor) -> Tensor | None:
     return None if t is None else torch.where(mask, t, torch.zeros((), dtype=t.dtype))
 
 
+def _flat_layout(mask: Tensor, segments, positions, sample_ids):
+    """(segments, positions, sample_ids, n) of flat input, checked; defaults where not given."""
+    if segments is None:
+        raise ValueError("flat [N] inputs need segments= (the sequence index of each token)")
+    segments = torch.as_tensor(segments, device=mask.device).reshape(-1)
+    if segments.shape != mask.shape or segments.is_floating_point():
+        raise ValueError(f"segments must be [N] = [{mask.shape[0]}] integers; got {tuple(segments.shape)}")
+    n = int(segments.max()) + 1 if segments.numel() else 0
+    if sample_ids is None:
+        sample_ids = torch.arange(n, dtype=torch.int64, device=mask.device)
+    sample_ids = torch.as_tensor(sample_ids, device=mask.device).reshape(-1)
+    if sample_ids.shape[0] < n or sample_ids.is_floating_point() or bool((segments < 0).any()):
+        raise ValueError(
+            f"sample_ids must be one integer per sequence ({n} sequences in segments); got "
+            f"{tuple(sample_ids.shape)} {sample_ids.dtype}"
+        )
+    n = sample_ids.shape[0]
+    if positions is None:  # rank of each token within its sequence, in order
+        order = torch.argsort(segments, stable=True)
+        size = torch.bincount(segments, minlength=n)
+        start = size.cumsum(0) - size
+        positions = torch.empty_like(segments)
+        positions[order] = torch.arange(segments.numel(), device=mask.device) - start[segments[order]]
+    return segments, torch.as_tensor(positions, device=mask.device).reshape(-1), sample_ids, n
+
+
+def _rows_to_flat(mask: Tensor, sample_ids):
+    """(segments, positions, sample_ids) of a [B, L] layout: row i = sequence i, position = column."""
+    b, length = mask.shape
+    if sample_ids is None:
+        sample_ids = torch.arange(b, dtype=torch.int64)
+    sample_ids = torch.as_tensor(sample_ids).reshape(-1).to(mask.device)
+    if sample_ids.shape[0] != b or sample_ids.is_floating_point():
+        raise ValueError(
+            f"sample_ids must be [B] = [{b}] integers; got {tuple(sample_ids.shape)} {sample_ids.dtype}"
+        )
+    segments = torch.arange(b, device=mask.device).repeat_interleave(length)
+    positions = torch.arange(length, device=mask.device).repeat(b)
+    return segments, positions, sample_ids
+
+
 # ----------------------------------------------------------------------------------------------
-# prepare / apply / policy_loss
+# prepare / apply / finish / policy_loss
 # ----------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def prepare_loss(
     cfg: LossConfig,
-    log_prob: Tensor,
+    log_prob: Tensor | None,
     old_log_prob: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     *,
+    segments: Tensor | None = None,
+    positions: Tensor | None = None,
     entropy: Tensor | None = None,
     ref_log_prob: Tensor | None = None,
     sample_ids: Tensor | None = None,
@@ -423,36 +557,55 @@ def prepare_loss(
     dp_group=None,
     entropy_coef: float | None = None,
 ) -> LossPlan:
-    """Compute the plan of one mini-batch (this rank's rows); collective over `dp_group` if global_stats.
+    """Compute the plan of one mini-batch (this rank's tokens); collective over `dp_group` if global_stats.
 
+    Flat input: [N] tensors with `segments` (each token's sequence, an index into `sample_ids`) and
+    optionally `positions` (each token's position in its sample; default: its rank within its sequence).
+    Padded input: [B, L] tensors, row i = sequence `sample_ids[i]`; the plan's fields are [B, L] then.
+
+    `log_prob` (the current policy's, no grad) is needed only by methods that select tokens by it
+    (`loss_needs(cfg).log_prob`), `entropy` only where `loss_needs(cfg).entropy`; given anyway, the
+    entropy also splits the by_entropy metrics. `ref_log_prob` is checked for presence only.
     Every rank of `dp_group` must call this together, with the same cfg and step and the same optional
-    inputs given (entropy, ref_log_prob): the metric sums are reduced as one vector. `sample_ids` ([B] ints, unique
-    in the mini-batch) make Clip-Cov's pick and tie-breaks independent of the split; None = the row
-    index, which is split-invariant only if rows keep their global index (single process).
+    inputs given: the metric sums are reduced as one vector. `sample_ids` (one int per sequence, unique
+    in the mini-batch) make Clip-Cov's pick and tie-breaks independent of the split; None = the
+    sequence index, which is split-invariant only if sequences keep their global index (one process).
     `entropy_coef` overrides `cfg.entropy_coef` (pass the adaptive controller's alpha here).
+    Seq-mean-token-sum-norm divides by `cfg.loss_scale_factor`, or else by the padded length L (padded
+    input) or the longest sequence's valid tokens (flat input), the maximum over the group.
     """
     method = get_method(cfg.method)
     coef = cfg.entropy_coef if entropy_coef is None else float(entropy_coef)
-    mask = _check_inputs(cfg, log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob, coef)
-    B, L = mask.shape
-    if sample_ids is None:
-        sample_ids = torch.arange(B, dtype=torch.int64)
-    sample_ids = torch.as_tensor(sample_ids).reshape(-1).to(mask.device)
-    if sample_ids.shape[0] != B or sample_ids.is_floating_point():
-        raise ValueError(
-            f"sample_ids must be [B] = [{B}] integers; got {tuple(sample_ids.shape)} {sample_ids.dtype}"
+    flat = segments is not None
+    named = {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages,
+             "response_mask": response_mask, "entropy": entropy, "ref_log_prob": ref_log_prob}  # fmt: skip
+    mask = _check_inputs(cfg, named, "response_mask", 0.0, flat=flat, log_prob_needed=method.needs_log_prob)
+    shape = mask.shape
+    if flat:
+        segments, positions, sample_ids, n = _flat_layout(mask, segments, positions, sample_ids)
+    else:
+        segments, positions, sample_ids = _rows_to_flat(mask, sample_ids)
+        n = shape[0]
+        mask, log_prob, old_log_prob, advantages, entropy, ref_log_prob = (
+            None if t is None else t.reshape(-1)
+            for t in (mask, log_prob, old_log_prob, advantages, entropy, ref_log_prob)
         )
-    if torch.unique(sample_ids).numel() != B:
+    if torch.unique(sample_ids).numel() != n:
         raise ValueError("sample_ids must be unique within the mini-batch")
     group = dp_group if cfg.global_stats else None
-    lp, old, adv = (_clean(t.detach(), mask) for t in (log_prob, old_log_prob, advantages))
-    ent, ref = _clean(None if entropy is None else entropy.detach(), mask), _clean(ref_log_prob, mask)
-    dt = lp.dtype
+    old, adv = (_clean(t.detach(), mask) for t in (old_log_prob, advantages))
+    lp = _clean(None if log_prob is None else log_prob.detach(), mask)
+    ent = _clean(None if entropy is None else entropy.detach(), mask)
+    dt = (log_prob if log_prob is not None else old_log_prob).dtype
 
-    n_tok, n_seq = all_reduce_sums([mask.sum(), (mask.sum(-1) > 0).sum()], group)
+    seq_tokens = torch.zeros(n, dtype=torch.float64, device=mask.device).index_add_(
+        0, segments, mask.double()
+    )
+    n_tok, n_seq = all_reduce_sums([mask.sum(), (seq_tokens > 0).sum()], group)
     if n_tok == 0:
         raise ValueError("response_mask has no valid tokens" + (" on any rank of dp_group" if group else ""))
-    length_const = cfg.loss_scale_factor or all_reduce_max(float(L), group, device=mask.device)
+    longest = float(shape[1]) if not flat else float(seq_tokens.max()) if n else 0.0
+    length_const = cfg.loss_scale_factor or all_reduce_max(longest, group, device=mask.device)
     sums: dict[str, Tensor] = {}
 
     shaped = None
@@ -464,11 +617,14 @@ def prepare_loss(
                  "adv_shaping/nonzero_adv": (mask & (adv != 0)).sum()}  # fmt: skip
         adv = shaped
 
-    ctx = _Ctx(cfg, lp, old, adv, mask, ent, ref, sample_ids, step, group, n_tok, n_seq, length_const)
+    ctx = _Ctx(cfg, lp, old, adv, mask, ent, segments, n, sample_ids[segments], positions, step, group, n_tok,
+               n_seq, length_const)  # fmt: skip
     fields, method_sums = method.prepare(ctx) if method.prepare else ({}, {})
     sums |= method_sums
 
-    weight = aggregation_weights(cfg.loss_agg_mode, mask, n_tok, n_seq, length_const, dt)
+    weight = aggregation_weights(
+        cfg.loss_agg_mode, mask, n_tok, n_seq, length_const, dt, seq_tokens[segments]
+    )
     pg_weight, threshold_key = weight, None
     # tokens the method treats specially (Clip-Cov's detached, KL-Cov's penalised, top-entropy's kept)
     special = mask & ~fields["keep"] if "keep" in fields else torch.zeros_like(mask)
@@ -481,7 +637,8 @@ def prepare_loss(
         if cfg.global_stats:  # paper / TRL: normaliser over all tokens
             pg_weight = weight * sel
         else:  # official 80/20 repo: the selected tokens are the aggregation mask of the call
-            pg_weight = aggregation_weights(cfg.loss_agg_mode, sel, float(sel.sum()), n_seq, length_const, dt)
+            pg_weight = aggregation_weights(cfg.loss_agg_mode, sel, float(sel.sum()), n_seq, length_const, dt,
+                                            ctx.per_sequence(sel))  # fmt: skip
         sums |= {"top_entropy/selected": sel.sum(), "top_entropy/entropy_sum": torch.where(sel, ent, 0).sum()}
     if "keep" in fields:
         pg_weight = pg_weight * fields.pop("keep")
@@ -493,61 +650,36 @@ def prepare_loss(
     if archer_kl is not None and _archer_needs_ref(cfg):
         kl_weight = archer_kl if kl_weight is None else kl_weight + archer_kl
 
-    plan = LossPlan(mask=mask, weight=weight, pg_weight=pg_weight, kl_weight=kl_weight, advantages=shaped,
-                    entropy_coef=coef, **fields)  # fmt: skip
-
-    # metrics: the loss terms and the usual PPO statistics, from the same (no-grad) log-probs
-    per_tok, clipped, clipped_lower = method.per_token(cfg, plan, lp, old, adv)
-    sums |= {
-        "pg_loss": (pg_weight * torch.where(mask, per_tok, 0)).sum(),
-        "pg_clipfrac": (mask & clipped).sum(),
-        "pg_clipfrac_lower": (mask & clipped_lower).sum(),
-        "ppo_kl": torch.where(mask, old - lp, 0).sum(),
-    }
-    if cfg.method == "kl_cov":  # verl logs mean |log r| for KL-Cov
-        sums["ppo_kl"] = torch.where(mask, (lp - old).abs(), 0).sum()
-    if ent is not None:
-        sums["entropy"] = ent.sum()
-        sums["entropy_bonus"] = (weight * ent).sum()
-        # clip and selection fractions of the high-entropy ("forking", top 20 %) and the other tokens
+    high = None
+    if ent is not None:  # the high-entropy ("forking", top 20 %) tokens and the rest: selection fractions
         high, _ = topk_mask(float_order_key(ent), mask, max(1, math.ceil(0.2 * n_tok - 1e-9)), None, group)
         for name, part in (("high", high), ("low", mask & ~high)):
             sums |= {
                 f"by_entropy/{name}_n": part.sum(),
-                f"by_entropy/{name}_clipped": (part & (clipped | clipped_lower)).sum(),
                 f"by_entropy/{name}_selected": (part & special).sum(),
             }
-    if ref is not None:
-        kl = kl_estimate(cfg.kl_estimator, lp, ref)
-        sums["kl"] = torch.where(mask, kl, 0).sum()
-        if kl_weight is not None:
-            sums["kl_loss"] = (kl_weight * kl).sum()
+
+    plan = LossPlan(mask=mask, weight=weight, pg_weight=pg_weight, kl_weight=kl_weight, advantages=shaped,
+                    high_entropy=high, entropy_coef=coef, **fields)  # fmt: skip
     names = list(sums)
-    values = dict(zip(names, all_reduce_sums([sums[n] for n in names], group), strict=True))
-    plan.metrics = _finish_metrics(cfg, values, n_tok, n_seq, coef)
+    values = dict(zip(names, all_reduce_sums([sums[k] for k in names], group), strict=True))
+    plan.counts, plan.metrics = _plan_metrics(cfg, values, n_tok, n_seq, coef)
     if threshold_key is not None:
         plan.metrics["top_entropy/threshold"] = key_to_float(threshold_key)
-    return plan
+    return plan if flat else plan._map(lambda v: v.reshape(shape))
 
 
-def _finish_metrics(cfg: LossConfig, v: dict[str, float], n_tok: float, n_seq: float, coef: float) -> dict:
+def _plan_metrics(cfg: LossConfig, v: dict[str, float], n_tok: float, n_seq: float, coef: float):
+    """(counts that normalise the training forward's sums, global metrics of the selections)."""
+    counts = {"n_tokens": n_tok}
     out = {"n_tokens": n_tok, "n_seqs": n_seq, "entropy_coef": coef}
-    for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "entropy", "kl"):
-        if name in v:
-            out[name] = v.pop(name) / n_tok
-    for name in ("pg_loss", "entropy_bonus", "kl_loss"):
-        if name in v:
-            out[name] = v.pop(name)
     if cfg.method == "clip_cov":  # reference: pg_clipfrac = fraction of tokens zeroed by Clip-Cov
-        out["ppo_clipfrac"] = v.pop("ppo_clipped_sum") / n_tok
         out["pg_clipfrac"] = v["clip_cov/selected"] / n_tok
     for prefix in ("clip_cov", "kl_cov"):
         if f"{prefix}/selected" in v:
             sel = v[f"{prefix}/selected"]
             out[f"{prefix}/cov_mean"] = v.pop(f"{prefix}/cov_sum") / n_tok
             out[f"{prefix}/cov_selected_mean"] = v.pop(f"{prefix}/cov_selected_sum") / max(sel, 1.0)
-    if "kl_cov/penalty_sum" in v:
-        out["kl_cov/penalty"] = v.pop("kl_cov/penalty_sum") / n_tok
     if "top_entropy/selected" in v:
         sel = v["top_entropy/selected"]
         out["top_entropy/selected_frac"] = sel / n_tok
@@ -561,11 +693,10 @@ def _finish_metrics(cfg: LossConfig, v: dict[str, float], n_tok: float, n_seq: f
         out["adv_shaping/cap_binding_frac"] = v.pop("adv_shaping/cap_binding") / nonzero
     for name in ("high", "low"):
         if f"by_entropy/{name}_n" in v:
-            n = max(v.pop(f"by_entropy/{name}_n"), 1.0)
-            out[f"by_entropy/{name}_clipfrac"] = v.pop(f"by_entropy/{name}_clipped") / n
-            out[f"by_entropy/{name}_selected_frac"] = v.pop(f"by_entropy/{name}_selected") / n
+            counts[f"by_entropy/{name}_n"] = n = v.pop(f"by_entropy/{name}_n")
+            out[f"by_entropy/{name}_selected_frac"] = v.pop(f"by_entropy/{name}_selected") / max(n, 1.0)
     out.update(v)  # remaining raw counts (clip_cov/candidates, clip_cov/selected, kl_cov/selected, ...)
-    return out
+    return counts, out
 
 
 def apply_loss(
@@ -579,38 +710,109 @@ def apply_loss(
     entropy: Tensor | None = None,
     ref_log_prob: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Differentiable loss of the rows `plan` covers: sum_t pg_weight*l + kl_weight*KL - coef*weight*H.
+    """Differentiable loss of the tokens `plan` covers: sum_t pg_weight*l + kl_weight*KL - coef*weight*H.
 
-    Returns (loss, metrics) where metrics are this call's additive parts (`loss_sum`, `pg_loss_sum`,
-    `kl_loss_sum`, `entropy_bonus_sum`): summed over micro-batches and ranks they give the mini-batch
-    values. The global metrics are in `plan.metrics`.
+    Returns (loss, sums): this call's additive parts from its own log-probs (`loss_sum`,
+    `pg_loss_sum`, clipped-token counts, KL, entropy, ...). Added over micro-batches and ranks
+    (`total_sums`) they give the mini-batch's; `finish_metrics` turns them into metrics.
     """
     method = get_method(cfg.method)
-    mask = _check_inputs(
-        cfg, log_prob, old_log_prob, advantages, response_mask, entropy, ref_log_prob, plan.entropy_coef
-    )
+    flat = plan.mask.dim() == 1
+    named = {"log_prob": log_prob, "old_log_prob": old_log_prob, "advantages": advantages,
+             "response_mask": response_mask, "entropy": entropy, "ref_log_prob": ref_log_prob}  # fmt: skip
+    mask = _check_inputs(cfg, named, "response_mask", plan.entropy_coef, flat=flat, log_prob_needed=True)
     if plan.mask.shape != mask.shape or not torch.equal(plan.mask, mask):
         raise ValueError(
-            f"response_mask {tuple(mask.shape)} does not match the plan's rows {tuple(plan.mask.shape)}; "
-            "pass plan.rows(index) for the same rows (and padded length) as the micro-batch"
+            f"response_mask {tuple(mask.shape)} does not match the plan's {tuple(plan.mask.shape)}; "
+            "pass plan.rows(index) for the same tokens (rows, padded length) as the micro-batch"
+        )
+    if not flat:
+        plan = plan._map(lambda v: v.reshape(-1))
+        mask, log_prob, old_log_prob, advantages, entropy, ref_log_prob = (
+            None if t is None else t.reshape(-1)
+            for t in (mask, log_prob, old_log_prob, advantages, entropy, ref_log_prob)
         )
     lp, old = _clean(log_prob, mask), _clean(old_log_prob.detach(), mask)
     adv = plan.advantages if plan.advantages is not None else _clean(advantages.detach(), mask)
-    per_tok, _, _ = method.per_token(cfg, plan, lp, old, adv)
+    per_tok, clipped, clipped_lower = method.per_token(cfg, plan, lp, old, adv)
     pg = (plan.pg_weight * torch.where(mask, per_tok, 0)).sum()
     loss = pg
-    metrics = {"pg_loss_sum": pg.item()}
+    lp_d = lp.detach()
+    ppo_kl = (lp_d - old).abs() if cfg.method == "kl_cov" else old - lp_d  # verl logs mean |log r| for KL-Cov
+    parts = {
+        "pg_loss_sum": pg,
+        "pg_clipped_sum": (mask & clipped).sum(),
+        "pg_clipped_lower_sum": (mask & clipped_lower).sum(),
+        "ppo_kl_sum": torch.where(mask, ppo_kl, 0).sum(),
+    }
     if plan.kl_weight is not None:
         kl = kl_estimate(cfg.kl_estimator, lp, _clean(ref_log_prob.detach(), mask))
         kl_loss = (plan.kl_weight * kl).sum()
         loss = loss + kl_loss
-        metrics["kl_loss_sum"] = kl_loss.item()
-    if plan.entropy_coef != 0.0:
-        bonus = (plan.weight * _clean(entropy, mask)).sum()
-        loss = loss - plan.entropy_coef * bonus
-        metrics["entropy_bonus_sum"] = bonus.item()
-    metrics["loss_sum"] = loss.item()
-    return loss, metrics
+        parts["kl_loss_sum"] = kl_loss
+    if entropy is not None:
+        ent = _clean(entropy, mask)
+        bonus = (plan.weight * ent).sum()
+        if plan.entropy_coef != 0.0:
+            loss = loss - plan.entropy_coef * bonus
+        parts |= {"entropy_bonus_sum": bonus, "entropy_sum": ent.sum()}
+    if ref_log_prob is not None:
+        kl_d = torch.where(mask, kl_estimate(cfg.kl_estimator, lp_d, _clean(ref_log_prob.detach(), mask)), 0)
+        parts["kl_sum"] = kl_d.sum()
+        if plan.archer_high is not None:  # each subset's KL aggregated with the loss's mode
+            subset_kl = plan.archer_agg * kl_d
+            parts["archer/high_entropy_kl"] = torch.where(plan.archer_high, subset_kl, 0).sum()
+            parts["archer/low_entropy_kl"] = torch.where(plan.archer_high, 0, subset_kl).sum()
+    if plan.penalty is not None:
+        log_ratio, _ = _ratio(lp_d, old)
+        parts["kl_cov/penalty_sum"] = torch.where(mask, plan.penalty * log_ratio.abs(), 0).sum()
+    if plan.high_entropy is not None:
+        hit = mask & (clipped | clipped_lower)
+        parts["by_entropy/high_clipped_sum"] = (hit & plan.high_entropy).sum()
+        parts["by_entropy/low_clipped_sum"] = (hit & ~plan.high_entropy).sum()
+    parts["loss_sum"] = loss
+    values = torch.stack([v.detach().to(torch.float64).reshape(()) for v in parts.values()]).tolist()
+    return loss, dict(zip(parts, values, strict=True))
+
+
+def total_sums(parts: list[dict[str, float]], group=None) -> dict[str, float]:
+    """`apply_loss` sums added over micro-batches (`parts`) and over `group` (one all-reduce).
+    Every rank of `group` must call it with the same keys."""
+    names = list(parts[0])
+    local = [sum(p[k] for p in parts) for k in names]
+    return dict(zip(names, all_reduce_sums(local, group), strict=True))
+
+
+def finish_metrics(cfg: LossConfig, plan: LossPlan, sums: dict[str, float]) -> dict[str, float]:
+    """The mini-batch's metrics: the plan's global ones plus `sums` (from `total_sums`) normalised.
+
+    loss, pg_loss, kl_loss, entropy_bonus (totals); pg_clipfrac, pg_clipfrac_lower, ppo_kl (mean old -
+    new; KL-Cov: mean |log r|), entropy, kl (token means); Clip-Cov's ppo_clipfrac; KL-Cov's penalty;
+    Archer's low/high_entropy_kl (each subset's KL aggregated with the loss's mode); by_entropy/{high,low}_clipfrac.
+    """
+    v, c = dict(sums), plan.counts
+    n = c["n_tokens"]
+    out = dict(plan.metrics)
+    out["loss"] = v.pop("loss_sum")
+    for name in ("pg_loss", "kl_loss", "entropy_bonus"):
+        if f"{name}_sum" in v:
+            out[name] = v.pop(f"{name}_sum")
+    clipfrac = v.pop("pg_clipped_sum") / n
+    out["ppo_clipfrac" if cfg.method == "clip_cov" else "pg_clipfrac"] = clipfrac
+    out["pg_clipfrac_lower"] = v.pop("pg_clipped_lower_sum") / n
+    out["ppo_kl"] = v.pop("ppo_kl_sum") / n
+    for name in ("entropy", "kl"):
+        if f"{name}_sum" in v:
+            out[name] = v.pop(f"{name}_sum") / n
+    if "kl_cov/penalty_sum" in v:
+        out["kl_cov/penalty"] = v.pop("kl_cov/penalty_sum") / n
+    for name in ("high", "low"):
+        if f"by_entropy/{name}_clipped_sum" in v:
+            out[f"by_entropy/{name}_clipfrac"] = v.pop(f"by_entropy/{name}_clipped_sum") / max(
+                c[f"by_entropy/{name}_n"], 1.0
+            )
+    out.update(v)
+    return out
 
 
 def policy_loss(
@@ -620,6 +822,8 @@ def policy_loss(
     advantages: Tensor,
     response_mask: Tensor,
     *,
+    segments: Tensor | None = None,
+    positions: Tensor | None = None,
     entropy: Tensor | None = None,
     ref_log_prob: Tensor | None = None,
     sample_ids: Tensor | None = None,
@@ -627,22 +831,15 @@ def policy_loss(
     dp_group=None,
     entropy_coef: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Loss of this rank's whole mini-batch: apply_loss(cfg, prepare_loss(cfg, ...), ...).
-
-    Metrics: the global ones of `prepare_loss` plus this rank's additive parts (`*_sum`).
-    """
+    """Loss of this rank's whole mini-batch, `apply_loss(cfg, prepare_loss(cfg, ...), ...)`, and the
+    mini-batch's metrics (over `dp_group` with global_stats; the loss is this rank's share)."""
     plan = prepare_loss(
-        cfg, log_prob, old_log_prob, advantages, response_mask, entropy=entropy, ref_log_prob=ref_log_prob,
-        sample_ids=sample_ids, step=step, dp_group=dp_group, entropy_coef=entropy_coef,
+        cfg, log_prob, old_log_prob, advantages, response_mask, segments=segments, positions=positions,
+        entropy=entropy, ref_log_prob=ref_log_prob, sample_ids=sample_ids, step=step, dp_group=dp_group,
+        entropy_coef=entropy_coef,
     )  # fmt: skip
-    loss, metrics = apply_loss(
-        cfg,
-        plan,
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        entropy=entropy,
-        ref_log_prob=ref_log_prob,
-    )
-    return loss, {**plan.metrics, **metrics}
+    loss, sums = apply_loss(
+        cfg, plan, log_prob, old_log_prob, advantages, response_mask, entropy=entropy, ref_log_prob=ref_log_prob
+    )  # fmt: skip
+    group = dp_group if cfg.global_stats else None
+    return loss, finish_metrics(cfg, plan, total_sums([sums], group))

@@ -10,6 +10,9 @@ whole mini-batch, never on how rows are spread over ranks or micro-batches.
   key, which must be unique), found by bisection: 64 scalar all-reduces per stage, no gather.
 * `splitmix64` / `token_hash` - a counter-based hash with int64 torch ops: a uniform key per
   (seed, step, sample_id, position), bijective in (sample_id, position) for a fixed (seed, step).
+  `token_ids` / `token_hash` take a [B] id per row and number positions by column; `flat_token_ids`
+  / `flat_token_hash` take flat token vectors (a sample id and a position per token).
+* `segment_quantile` - the q-quantile of the valid entries of each sequence of a flat vector.
 * `exact_quantiles` - `torch.quantile`'s linear interpolation at any size (it refuses inputs above
   2^24 elements, exactly what a 2048 x 8192-token step produces).
 """
@@ -31,6 +34,8 @@ def _device(values) -> torch.device:
 
 def all_reduce_sums(values: list[torch.Tensor | float], group=None, enabled: bool = True) -> list[float]:
     """Sum each scalar over `group` (one all-reduce, on the inputs' device) and return Python floats."""
+    if not values:
+        return []
     dev = _device(values)
     vec = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(()) for v in values])
     if enabled and group is not None and dist.get_world_size(group) > 1:
@@ -133,17 +138,53 @@ def splitmix64_int(x: int) -> int:
     return z ^ (z >> 31)
 
 
+def flat_token_ids(token_sample_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unique int64 id per token: sample_id * 2^32 + position (its position in its sample)."""
+    return (token_sample_ids.to(torch.int64) << 32) | positions.to(torch.int64)
+
+
 def token_ids(sample_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """Unique int64 id per token: sample_id * 2^32 + position (position = column index)."""
+    """`flat_token_ids` of a [B, length] layout: row i is sample `sample_ids[i]`, position = column."""
     pos = torch.arange(length, dtype=torch.int64, device=sample_ids.device)
-    return (sample_ids.to(torch.int64)[:, None] << 32) | pos[None, :]
+    return flat_token_ids(sample_ids[:, None], pos[None, :])
+
+
+def _salt(seed: int, step: int) -> int:
+    salt = splitmix64_int(splitmix64_int(seed & (2**64 - 1)) ^ (step & (2**64 - 1)))
+    return salt - 2**64 if salt >= 2**63 else salt
+
+
+def flat_token_hash(token_sample_ids: torch.Tensor, positions: torch.Tensor, seed: int, step: int):
+    """Uniform int64 key per token depending only on (seed, step, sample_id, position)."""
+    return splitmix64(flat_token_ids(token_sample_ids, positions) ^ _salt(seed, step))
 
 
 def token_hash(sample_ids: torch.Tensor, length: int, seed: int, step: int) -> torch.Tensor:
-    """Uniform int64 key per token depending only on (seed, step, sample_id, position)."""
-    salt = splitmix64_int(splitmix64_int(seed & (2**64 - 1)) ^ (step & (2**64 - 1)))
-    salt = salt - 2**64 if salt >= 2**63 else salt
-    return splitmix64(token_ids(sample_ids, length) ^ salt)
+    """`flat_token_hash` of a [B, length] layout (position = column index)."""
+    return splitmix64(token_ids(sample_ids, length) ^ _salt(seed, step))
+
+
+def segment_quantile(values: torch.Tensor, valid: torch.Tensor, segments: torch.Tensor, n: int, q: float):
+    """Per sequence: the q-quantile (linear interpolation) of `values[valid]` of its tokens, [n].
+
+    `segments` [N] gives each token's sequence in [0, n). Equals `torch.nanquantile` of each sequence
+    with invalid tokens as NaN, without its 16M-element limit; a sequence without valid tokens: +inf.
+    """
+    valid = valid.bool()
+    vals = torch.where(valid, values, torch.full_like(values, float("inf")))
+    order = torch.argsort(vals, stable=True)
+    order = order[torch.argsort(segments[order], stable=True)]  # by sequence, then by value
+    ordered = vals[order]
+    size = torch.bincount(segments, minlength=n)
+    count = torch.bincount(segments[valid], minlength=n)
+    start = size.cumsum(0) - size
+    pos = q * (count - 1).clamp(min=0).to(values.dtype)
+    lo, hi = pos.floor().long(), pos.ceil().long()
+    last = max(ordered.numel() - 1, 0)
+    v_lo = ordered[(start + lo).clamp(max=last)] if ordered.numel() else pos
+    v_hi = ordered[(start + hi).clamp(max=last)] if ordered.numel() else pos
+    out = torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, pos - lo))
+    return torch.where(count > 0, out, torch.full_like(out, float("inf")))
 
 
 @torch.no_grad()

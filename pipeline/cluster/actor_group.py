@@ -1,8 +1,9 @@
 """One Ray actor per Megatron rank, forming one torch.distributed group; the driver calls verbs on all.
 
-The driver hands every rank the same mini-batch (one object in Ray's store); each rank keeps the rows
-of its data-parallel shard. Results come back from the ranks that hold them (last pipeline stage,
-tensor-parallel rank 0) in data-parallel order.
+The driver hands every rank the same packed batch (one object in Ray's store); each rank keeps the
+samples of its data-parallel shard: `packing.balance` splits them over the ranks by tokens (the same
+split on every rank, no communication). Results come back from the ranks that hold them (last
+pipeline stage, tensor-parallel rank 0) with their sample indices and are put back in batch order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import socket
 import ray
 import torch
 
+from pipeline.actor import packing
+from pipeline.batch import Batch
 from pipeline.cluster import placement
 
 
@@ -68,16 +71,11 @@ class ActorWorker:
             "pid": os.getpid(),
         }
 
-    def _shard(self, batch: dict) -> dict:
+    def _shard(self, batch: Batch) -> tuple[list[int], Batch]:
+        """(this data-parallel rank's sample indices, its samples on this rank's device)."""
         dp, rank = self.ps.get_data_parallel_world_size(), self.ps.get_data_parallel_rank()
-        b = batch["input_ids"].shape[0]
-        if b % dp:
-            raise ValueError(f"{b} rows cannot be split over {dp} data-parallel ranks")
-        n = b // dp
-        return {
-            k: (v[rank * n : (rank + 1) * n].to(self.device) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()
-        }
+        mine = packing.balance(batch.lengths, dp)[rank]
+        return mine, batch.select(mine).to(self.device)
 
     def _reports(self) -> bool:
         return (
@@ -85,16 +83,23 @@ class ActorWorker:
             and self.ps.get_tensor_model_parallel_rank() == 0
         )
 
-    def compute_log_prob(self, batch: dict, entropy: bool, influence: bool, weights: str):
+    def compute_log_prob(self, batch: Batch, entropy: bool, influence: bool, weights: str):
+        samples, shard = self._shard(batch)
         out = self.actor.compute_log_prob(
-            self._shard(batch), entropy=entropy, influence=influence, broadcast=False, weights=weights
+            shard, entropy=entropy, influence=influence, broadcast=False, weights=weights
         )
         if not self._reports():
             return None
-        return self.ps.get_data_parallel_rank(), {k: v.cpu() for k, v in out.items()}
+        return samples, {k: v.cpu() for k, v in out.items()}
 
-    def train_step(self, batch: dict, loss_cfg, step: int, inject_nan: bool):
-        return self.actor.train_step(self._shard(batch), loss_cfg, step=step, inject_nan=inject_nan)
+    def train_step(self, batch: Batch, loss_cfg, step: int, on_policy: bool, mini_batch: int):
+        metrics = self.actor.train_step(
+            self._shard(batch)[1], loss_cfg, step=step, on_policy=on_policy, mini_batch=mini_batch
+        )
+        return metrics, self._reports()
+
+    def set_loss_hook(self, hook) -> None:
+        self.actor.loss_hook = hook
 
     def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
         """Stream the HF-named weights into the engines; every rank drives the export's collectives."""
@@ -157,17 +162,34 @@ class ActorGroup:
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
     def compute_log_prob(
-        self, batch: dict, *, entropy: bool = True, influence: bool = False, weights: str = "current"
+        self, batch: Batch, *, entropy: bool = True, influence: bool = False, weights: str = "current"
     ) -> dict:
-        ref = ray.put(batch)
-        parts = sorted(
-            (p for p in self._all("compute_log_prob", ref, entropy, influence, weights) if p is not None),
-            key=lambda p: p[0],
-        )
-        return {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        """Per-token log-probs (entropies, influences) of `batch`, [T] each, in its order."""
+        parts = [p for p in self._all("compute_log_prob", ray.put(batch), entropy, influence, weights) if p]
+        out = {}
+        for samples, values in parts:
+            index = batch.token_index(samples)
+            for k, v in values.items():
+                out.setdefault(k, torch.zeros(batch.num_tokens, dtype=v.dtype)).index_copy_(0, index, v)
+        return out
 
-    def train_step(self, batch: dict, loss_cfg, step: int, *, inject_nan: bool = False) -> dict:
-        return self._all("train_step", ray.put(batch), loss_cfg, step, inject_nan)[0]
+    def train_step(
+        self, batch: Batch, loss_cfg, step: int, *, on_policy: bool = False, mini_batch: int = 0
+    ) -> dict:
+        """One optimizer step; the metrics of rank 0, with `packing` = each data-parallel rank's
+        tokens, token slots and micro-batches."""
+        if len(batch) < self.dp_size:
+            raise ValueError(
+                f"a mini-batch of {len(batch)} samples cannot feed {self.dp_size} data-parallel ranks"
+            )
+        results = self._all("train_step", ray.put(batch), loss_cfg, step, on_policy, mini_batch)
+        metrics = dict(results[0][0])
+        metrics["packing"] = [m["packing"] for m, reports in results if reports]
+        return metrics
+
+    def set_loss_hook(self, hook) -> None:
+        """`hook(step, mini_batch, loss) -> loss` on every rank's micro-batch losses (None: remove)."""
+        self._all("set_loss_hook", hook)
 
     def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
         return self._all("sync_weights", target, version, bucket_bytes)[0]

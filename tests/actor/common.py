@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import torch
 
-B, S, R = 4, 12, 6  # rows, sequence length, response length
+from pipeline.batch import Batch
+
+# (prompt, response) tokens of each sample: ragged, so that packing and balancing have work to do;
+# the last two (8 and 4 tokens) share a packed row (rows are as long as the longest sample, 12)
+LENGTHS = [(5, 7), (3, 9), (8, 4), (2, 6), (2, 2)]
+B = len(LENGTHS)
 
 
-def rl_batch(vocab: int, seed: int = 0) -> dict:
-    """A mini-batch in the actor's layout: left-padded prompts, right-padded responses."""
+def rl_batch(vocab: int, seed: int = 0, lengths=LENGTHS) -> Batch:
+    """Samples as the actor gets them: prompt + response tokens, the loss on the responses except a
+    masked span in the middle of sample 1 (a tool's output in a multi-turn sample), advantages."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (B, S), generator=g)
-    mask = torch.ones(B, S, dtype=torch.long)
-    mask[1, :2] = 0  # prompt left padding
-    mask[2, :3] = 0
-    mask[3, -2:] = 0  # response right padding
-    mask[0, -1] = 0
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "response_mask": mask[:, S - R :].clone().float(),
-        "advantages": torch.randn(B, R, generator=g),
-    }
-
-
-def reference_positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
+    tokens, mask = [], []
+    for i, (p, r) in enumerate(lengths):
+        tokens.append(torch.randint(0, vocab, (p + r,), generator=g))
+        m = torch.tensor([0.0] * p + [1.0] * r)
+        if i == 1:
+            m[p + 3 : p + 5] = 0.0
+        mask.append(m)
+    cu = torch.tensor([0] + [p + r for p, r in lengths]).cumsum(0)
+    loss_mask = torch.cat(mask)
+    return Batch(
+        tokens=torch.cat(tokens),
+        cu_seqlens=cu,
+        loss_mask=loss_mask,
+        sample_ids=torch.arange(len(lengths)),
+        advantages=torch.randn(loss_mask.shape, generator=g) * loss_mask,
+    )
 
 
 def setup_actor(cfg, hf_dir, *, load_weights: bool = True):
@@ -44,24 +50,38 @@ def setup_actor(cfg, hf_dir, *, load_weights: bool = True):
     return MegatronActor(cfg, hf_config, hf_dir=hf_dir if load_weights else None)
 
 
-def training_batch(actor, seed: int, rows: slice | None = None) -> dict:
+def training_batch(actor, seed: int, rows: list[int] | None = None) -> Batch:
     """`rl_batch(seed)` plus old log-probs (the actor's current ones, perturbed so ratios != 1) and
-    sample ids; `rows` picks this data-parallel rank's part *after* the whole batch is built."""
+    sample ids; `rows` picks this data-parallel rank's samples *after* the whole batch is built."""
     batch = rl_batch(250, seed=seed)
     current = actor.compute_log_prob(batch)["log_prob"]
     g = torch.Generator().manual_seed(1000 + seed)
-    batch["old_log_prob"] = current + 0.3 * torch.randn(current.shape, generator=g)
-    batch["sample_ids"] = torch.arange(B) + 100 * seed
-    if rows is not None:
-        batch = {k: v[rows] for k, v in batch.items()}
-    return batch
+    old = current + 0.3 * torch.randn(current.shape, generator=g) * batch.loss_mask
+    batch = batch.replace(old_log_prob=old, sample_ids=torch.arange(B) + 100 * seed)
+    return batch if rows is None else batch.select(rows)
 
 
-def dp_rows(rank: int, world_size: int, dp: int) -> slice | None:
-    """This rank's rows when the layout is pure data parallel over `dp` ranks (None = all rows)."""
+def dp_rows(rank: int, world_size: int, dp: int) -> list[int] | None:
+    """This rank's samples when the layout is pure data parallel over `dp` ranks (None = all)."""
     if dp == 1:
         return None
-    return slice(rank * B // world_size, (rank + 1) * B // world_size)
+    return list(range(rank * B // world_size, (rank + 1) * B // world_size))
+
+
+def hf_reference(hf_dir, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of `batch` from transformers in float64, one sample at a time
+    (flat, aligned like the actor's: token t from the logits at t - 1, 0 at each sample's first)."""
+    from tests.actor.tiny_hf import hf_token_logprobs
+
+    lp, ent = (
+        torch.zeros(batch.num_tokens, dtype=torch.float64),
+        torch.zeros(batch.num_tokens, dtype=torch.float64),
+    )
+    for i in range(len(batch)):
+        a, b = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+        tok, h = hf_token_logprobs(hf_dir, batch.tokens[a:b][None])
+        lp[a + 1 : b], ent[a + 1 : b] = tok[0], h[0]
+    return lp, ent
 
 
 def close(a: dict, b: dict, skip=("output_layer.weight",)) -> float:

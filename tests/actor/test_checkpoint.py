@@ -26,7 +26,7 @@ def _save_and_resume(rank, world_size, hf_dir, ckpt):
     loss = LossConfig(**LOSS)
     out = {}
     # The run that never stops: step 1, save, steps 2 and 3.
-    actor = setup_actor(ActorConfig(tp=2, micro_batch_size=2, **BASE), hf_dir)
+    actor = setup_actor(ActorConfig(tp=2, max_tokens_per_micro_batch=24, **BASE), hf_dir)
     actor.train_step(training_batch(actor, seed=1), loss)
     actor.save_checkpoint(ckpt, extra=CONTROLLERS)
     batches = [training_batch(actor, seed=2)]  # old log-probs of the step-1 policy
@@ -38,17 +38,22 @@ def _save_and_resume(rank, world_size, hf_dir, ckpt):
     out["batches"] = batches
 
     # Resumed at the same layout into a model that starts from different (random) weights.
-    resumed = setup_actor(ActorConfig(tp=2, micro_batch_size=2, seed=99, **BASE), hf_dir, load_weights=False)
+    resumed = setup_actor(
+        ActorConfig(tp=2, max_tokens_per_micro_batch=24, seed=99, **BASE), hf_dir, load_weights=False
+    )
     out["extra"] = resumed.load_checkpoint(ckpt)
     out["res"] = [resumed.train_step(b, loss) for b in batches]
     out["res_params"] = gather_full_state(resumed.chunks)
 
     # Resharded: PP2, and TP1 x DP2 (each rank half of the mini-batch).
-    for name, layout in {"pp2": dict(pp=2, micro_batch_size=2), "dp2": dict(micro_batch_size=1)}.items():
+    for name, layout in {
+        "pp2": dict(pp=2, max_tokens_per_micro_batch=24),
+        "dp2": dict(max_tokens_per_micro_batch=12),
+    }.items():
         other = setup_actor(ActorConfig(**layout, **BASE), hf_dir, load_weights=False)
         other.load_checkpoint(ckpt)
         rows = dp_rows(rank, world_size, ps.get_data_parallel_world_size())
-        batch = batches[0] if rows is None else {k: v[rows] for k, v in batches[0].items()}
+        batch = batches[0] if rows is None else batches[0].select(rows)
         out[name] = other.train_step(batch, loss)
         out[f"{name}_params"] = gather_full_state(other.chunks)
     out["dropout"] = _dropout_resume(hf_dir, ckpt + "_dropout", loss)
@@ -61,7 +66,7 @@ def _dropout_resume(hf_dir, ckpt, loss):
     resumed step equal the uninterrupted one; a resume whose RNG is re-seeded differs."""
     from pipeline.actor.config import ActorConfig
 
-    cfg = ActorConfig(tp=2, micro_batch_size=2, hidden_dropout=0.2, attention_dropout=0.2, **BASE)
+    cfg = ActorConfig(tp=2, max_tokens_per_micro_batch=24, hidden_dropout=0.2, attention_dropout=0.2, **BASE)
     actor = setup_actor(cfg, hf_dir)
     actor.train_step(training_batch(actor, seed=1), loss)
     actor.save_checkpoint(ckpt)
@@ -84,7 +89,7 @@ def _resume_tp1(rank, world_size, hf_dir, ckpt, batch):
     from pipeline.actor.weights import gather_full_state
     from pipeline.algorithms.config import LossConfig
 
-    actor = setup_actor(ActorConfig(micro_batch_size=2, **BASE), hf_dir, load_weights=False)
+    actor = setup_actor(ActorConfig(max_tokens_per_micro_batch=24, **BASE), hf_dir, load_weights=False)
     extra = actor.load_checkpoint(ckpt)
     metrics = actor.train_step(batch, LossConfig(**LOSS))
     params = gather_full_state(actor.chunks)

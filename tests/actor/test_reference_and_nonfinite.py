@@ -21,7 +21,7 @@ def _worker(rank, world_size, hf_dir):
 
     out = {}
     # TP=2: the reference forward sees the initial weights after a step, and the step's weights return.
-    actor = setup_actor(ActorConfig(tp=2, micro_batch_size=2, **OPTIM), hf_dir)
+    actor = setup_actor(ActorConfig(tp=2, max_tokens_per_micro_batch=24, **OPTIM), hf_dir)
     actor.snapshot_reference()
     batch = training_batch(actor, seed=1)
     initial = actor.compute_log_prob(batch)["log_prob"]
@@ -31,13 +31,17 @@ def _worker(rank, world_size, hf_dir):
     out["after_reference"] = actor.compute_log_prob(batch)["log_prob"]
     out["initial"], out["trained"] = initial, trained
 
-    # DP=2, the NaN on rank 0 only: both ranks skip, nothing changes, the next step is normal.
-    actor = setup_actor(ActorConfig(micro_batch_size=1, **OPTIM), hf_dir)
+    # DP=2, the NaN on rank 0 only (a loss hook, as the tests' fault injection): both ranks skip,
+    # nothing changes, the next step is normal.
+    actor = setup_actor(ActorConfig(max_tokens_per_micro_batch=12, **OPTIM), hf_dir)
     dp = ps.get_data_parallel_world_size()
     batch = training_batch(actor, seed=2, rows=dp_rows(rank, world_size, dp))
     before = gather_full_state(actor.chunks)
     lr_before = actor.optimizer.param_groups[0]["lr"]
-    out["skipped"] = actor.train_step(batch, LossConfig(), inject_nan=rank == 0)
+    if rank == 0:
+        actor.loss_hook = lambda step, mini_batch, loss: loss * float("nan")
+    out["skipped"] = actor.train_step(batch, LossConfig())
+    actor.loss_hook = None
     out["unchanged"] = close(before, gather_full_state(actor.chunks))
     out["lr_unchanged"] = actor.optimizer.param_groups[0]["lr"] == lr_before
     out["next"] = actor.train_step(batch, LossConfig())

@@ -1,8 +1,8 @@
 """Layout equivalence of the RL training step: the global normalisers survive the schedule.
 
-The same mini-batch (Clip-Cov and KL-Cov losses with an entropy bonus, two micro-batches) gives the
-same loss, gradient norm and, after one optimizer step, the same parameters at TP1 (one process),
-TP2, PP2, PP2xVPP2 and DP2 (tolerance 1e-5, fp32). Clipping is on and Adam's epsilon is large so
+The same mini-batch (Clip-Cov and KL-Cov losses with an entropy bonus, packed micro-batches under a
+token budget) gives the same loss, gradient norm and, after one optimizer step, the same parameters at
+TP1 (one process), TP2, PP2, PP2xVPP2 and DP2 (tolerance 1e-5, fp32). Clipping is on and Adam's epsilon is large so
 that a wrong gradient scale would show in the gradient norm and in the parameters.
 """
 
@@ -21,11 +21,12 @@ LOSSES = {
     ),
     "kl_cov": dict(method="kl_cov", kl_cov_ratio=0.2, entropy_coef=0.01),
 }
+BUDGET = dict(max_tokens_per_micro_batch=24)  # the 48 tokens in two micro-batches
 LAYOUTS_2 = {
-    "tp2": dict(tp=2, micro_batch_size=2),
-    "pp2": dict(pp=2, micro_batch_size=2),
-    "pp2vpp2": dict(pp=2, vpp=2, micro_batch_size=2),
-    "dp2": dict(micro_batch_size=1),  # two rows per rank: still two micro-batches
+    "tp2": dict(tp=2, **BUDGET),
+    "pp2": dict(pp=2, **BUDGET),
+    "pp2vpp2": dict(pp=2, vpp=2, **BUDGET),
+    "dp2": dict(max_tokens_per_micro_batch=14),  # two samples per rank: two micro-batches each
 }
 OPTIM = dict(lr=1e-3, adam_eps=1e-4, clip_grad=1.0, weight_decay=0.01)
 
@@ -75,7 +76,7 @@ def _bf16_logits_reach_the_op_unconverted(hf_dir):
 
     actor_module.vocab_parallel_logprob_entropy = spy
     try:
-        actor = setup_actor(ActorConfig(tp=2, micro_batch_size=2, dtype="bfloat16", **OPTIM), hf_dir)
+        actor = setup_actor(ActorConfig(tp=2, dtype="bfloat16", **BUDGET, **OPTIM), hf_dir)
         metrics = actor.train_step(training_batch(actor, seed=1), LossConfig(**LOSSES["clip_cov"]))
     finally:
         actor_module.vocab_parallel_logprob_entropy = op
@@ -86,7 +87,7 @@ def _bf16_logits_reach_the_op_unconverted(hf_dir):
 @pytest.mark.slow
 def test_same_loss_and_parameters_at_tp1_tp2_pp2_vpp_and_dp2(tmp_path):
     hf_dir = str(make_tiny_hf(tmp_path / "qwen2", "qwen2"))  # tied embeddings, qkv biases
-    ref = run_distributed(_worker, 1, hf_dir, {"tp1": dict(micro_batch_size=2)})[0]
+    ref = run_distributed(_worker, 1, hf_dir, {"tp1": BUDGET})[0]
     runs = run_distributed(_worker, 2, hf_dir, LAYOUTS_2)
     for rank in range(2):
         seen, metrics = runs[rank]["bf16"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.algorithms import LossConfig, apply_loss, policy_loss, prepare_loss
+from pipeline.algorithms import LossConfig, apply_loss, finish_metrics, policy_loss, prepare_loss, total_sums
 
 D = torch.float64
 
@@ -78,7 +78,8 @@ def reference(cfg: LossConfig, batch: dict):
 def split_loss(cfg: LossConfig, batch: dict, rows: torch.Tensor, micro: list[torch.Tensor], group=None):
     """This rank's rows through prepare_loss once, then apply_loss per micro-batch (indices into `rows`).
 
-    Returns the summed loss and the gradients scattered into full-batch-shaped tensors.
+    Returns the summed loss, the gradients scattered into full-batch-shaped tensors and the
+    mini-batch's metrics (the micro-batches' sums added over `group`).
     """
     sub = {k: v[rows] for k, v in batch.items()}
     plan = prepare_loss(cfg, sub["log_prob"], sub["old_log_prob"], sub["advantages"], sub["response_mask"],
@@ -87,14 +88,21 @@ def split_loss(cfg: LossConfig, batch: dict, rows: torch.Tensor, micro: list[tor
     total = torch.zeros((), dtype=D)
     g_lp = torch.zeros_like(batch["log_prob"])
     g_ent = torch.zeros_like(batch["entropy"])
+    sums = []
     for index in micro:
         mb = {k: v[index] for k, v in sub.items()}
         lp, ent = leaves(mb)
-        loss, _ = apply_loss(cfg, plan.rows(index), lp, mb["old_log_prob"], mb["advantages"],
+        loss, s = apply_loss(cfg, plan.rows(index), lp, mb["old_log_prob"], mb["advantages"],
                              mb["response_mask"], entropy=ent, ref_log_prob=mb["ref_log_prob"])  # fmt: skip
+        sums.append(s)
         a, b = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
         total = total + loss.detach()
         g_lp[rows[index]] += a
         if b is not None:
             g_ent[rows[index]] += b
-    return total, g_lp, g_ent, plan.metrics
+    return (
+        total,
+        g_lp,
+        g_ent,
+        finish_metrics(cfg, plan, total_sums(sums, group if cfg.global_stats else None)),
+    )

@@ -156,7 +156,8 @@ def test_clip_cov_excludes_tokens_already_clipped_by_ppo():
     lp[0, 0] += 0.5  # token (0, 0): A = +1, r = e^0.5 > 1.2 -> clipped by PPO, no longer a candidate
     cfg = LossConfig(method="clip_cov", clip_cov_lb=0.5)
     plan = prepare_loss(cfg, lp, COV_LP, COV_A, MASK6)
-    assert plan.pg_weight[0, 0] > 0 and plan.metrics["ppo_clipfrac"] == pytest.approx(1 / 6)
+    _, metrics = policy_loss(cfg, lp, COV_LP, COV_A, MASK6)  # clip fractions: from the training forward
+    assert plan.pg_weight[0, 0] > 0 and metrics["ppo_clipfrac"] == pytest.approx(1 / 6)
 
 
 def test_clip_cov_pick_follows_sample_ids_not_row_order():

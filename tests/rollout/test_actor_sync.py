@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.rollout import SamplingParams
+from pipeline.batch import Batch
+from pipeline.rollout import Sample, SamplingParams
 from pipeline.rollout.sglang_engine import SGLangEngine
 from pipeline.tiny import char_tokenizer
 from tests.actor.common import setup_actor
@@ -26,13 +27,11 @@ def tiny_actor_model(path, seed):
     return str(path)
 
 
-def probe_batch():
+def probe_batch() -> Batch:
     ids = torch.randint(0, 250, (B, S), generator=torch.Generator().manual_seed(5))
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones(B, S, dtype=torch.long),
-        "response_mask": torch.ones(B, R),
-    }
+    return Batch.from_samples(
+        [Sample(row[: S - R].tolist(), row[S - R :].tolist(), [0.0] * R, "stop", 0) for row in ids]
+    )
 
 
 def _sync_worker(rank, world_size, tp, hf_dir, urls, cfg, version):
@@ -42,16 +41,17 @@ def _sync_worker(rank, world_size, tp, hf_dir, urls, cfg, version):
     from pipeline.actor.export import export_hf_weights
     from pipeline.actor.model import read_hf_config
 
-    actor = setup_actor(ActorConfig(tp=tp, micro_batch_size=2), hf_dir)
+    actor = setup_actor(ActorConfig(tp=tp, max_tokens_per_micro_batch=2 * S), hf_dir)
     batch = probe_batch()
     trainer = actor.compute_log_prob(batch, entropy=False)["log_prob"]  # every rank takes part
+    trainer = trainer[batch.loss_mask.bool()].view(B, R)  # each sample's response tokens
     stream = export_hf_weights(actor, read_hf_config(hf_dir))  # every rank drives it; rank 0 yields
     result = None
     if rank == 0:
         engine = SGLangEngine.attach(cfg, urls)
         try:
             engine.update_weights(stream, version=version, method="distributed")
-            worst = engine.verify(batch["input_ids"].tolist(), [S - R] * B, trainer.tolist())
+            worst = engine.verify(batch.tokens.view(B, S).tolist(), [S - R] * B, trainer.tolist())
             samples = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))
             result = (worst, dict(engine.metrics), [s.weight_version for s in samples])
         finally:
