@@ -38,7 +38,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from pipeline.actor.config import ActorConfig, check_layout
-from pipeline.actor.model import DTYPES, build_model
+from pipeline.actor.model import DTYPES, build_model, sequence_multiple
+from pipeline.actor.offload import HostOffload
 from pipeline.actor.weights import load_hf_weights, unwrap
 from pipeline.ops import vocab_parallel_logprob_entropy
 
@@ -88,7 +89,8 @@ class MegatronActor:
             chunks = [Float16Module(self.config, c) for c in chunks]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=cfg.overlap_grad_reduce,
+            overlap_param_gather=cfg.overlap_param_gather,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
         )
         self.chunks = [
@@ -133,6 +135,56 @@ class MegatronActor:
         self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.step_count = 0
         self._reference: list[torch.Tensor] | None = None  # host copy of the frozen reference policy
+        self._offload = HostOffload(self)  # actor.offload: the rank's memory to host and back
+
+    # ------------------------------------------------------------------ memory (colocated engines)
+
+    def sync_params(self) -> None:
+        """Finish the distributed optimizer's all-gather of the updated weights now.
+
+        With `overlap_param_gather` the gather after an optimizer step is deferred to the next
+        forward (megatron's forward pre-hooks); whatever reads the weights without a forward
+        (export, checkpoints, offload, the reference swap) calls this first, or it reads other ranks'
+        shards of the previous step.
+        """
+        for c in self.chunks:
+            if getattr(c, "use_forward_hook", False):
+                c.start_param_sync(force_sync=True)
+
+    def offload(self, parts: tuple[str, ...] = ("weights", "grads", "optimizer")) -> dict:
+        """Move `parts` of this rank's state to host memory and free their device storage.
+
+        For colocated engines (`actor.offload`): the GPU holds the engines' weights and KV cache
+        while they generate, and the actor's state again before it trains (`onload`). Returns the
+        bytes moved per part. On CPU the "device" is host memory too: the storage is still freed
+        and refilled, which is what the tests check.
+        """
+        self.sync_params()
+        return self._offload.offload(parts)
+
+    def onload(self, parts: tuple[str, ...] | None = None) -> dict:
+        """Bring the offloaded `parts` (all: None) back, bit for bit, before the actor computes."""
+        return self._offload.onload(parts)
+
+    @property
+    def offloaded(self) -> tuple[str, ...]:
+        return self._offload.offloaded
+
+    @contextlib.contextmanager
+    def resident(self, needs: tuple[str, ...] = ("weights", "grads", "optimizer")):
+        """`needs` on the device for the duration (onloaded, and offloaded again if they were out).
+
+        For work between the phases (an evaluation's entropy forward, a checkpoint, the weight
+        export while the actor is offloaded): correct at the price of one round trip.
+        """
+        parts = tuple(p for p in self.offloaded if p in needs)
+        if parts:
+            self.onload(parts)
+        try:
+            yield
+        finally:
+            if parts:
+                self.offload(parts)
 
     # ------------------------------------------------------------------ reference policy
 
@@ -146,6 +198,7 @@ class MegatronActor:
         Like slime's weight backup: one extra copy of this rank's shard in host memory instead of a
         second model on the device; `compute_log_prob(..., weights="reference")` swaps it in.
         """
+        self.sync_params()
         self._reference = [p.detach().to("cpu", copy=True) for p in self._params()]
 
     @contextlib.contextmanager
@@ -154,6 +207,7 @@ class MegatronActor:
             raise RuntimeError(
                 "no reference policy: call snapshot_reference() first (on the initial weights)"
             )
+        self.sync_params()
         params = self._params()
         current = [p.detach().to("cpu", copy=True) for p in params]
         with torch.no_grad():
@@ -200,13 +254,15 @@ class MegatronActor:
     def _run_schedule(self, micro_batches: list[dict], loss_fn, *, forward_only: bool):
         """Run `micro_batches` through the pipeline schedule; returns the last stage's loss outputs."""
         fwd_kwargs = {} if DTYPES[self.cfg.dtype] == torch.float32 else {"fp32_output": False}
+        multiple = sequence_multiple(self.cfg)
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            logits = model(mb["input_ids"], mb["position_ids"], mb["attn"], **fwd_kwargs)
+            s = mb["input_ids"].shape[1]
+            logits = model(*_pad_sequence(mb, multiple), **fwd_kwargs)[:, :s]
             return logits, functools.partial(loss_fn, mb)
 
-        seq = micro_batches[0]["input_ids"].shape[1]
+        seq = -(-micro_batches[0]["input_ids"].shape[1] // multiple) * multiple
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=[iter(micro_batches) for _ in self.chunks],
@@ -439,6 +495,7 @@ class MegatronActor:
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> None:
         """Save model, optimizer, LR schedule, RNG and `extra` (e.g. controller states) to `path`."""
         path = Path(path)
+        self.sync_params()
         if dist.get_rank() == 0:
             path.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -468,6 +525,27 @@ class MegatronActor:
 
 
 _CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _pad_sequence(mb: dict, multiple: int) -> tuple:
+    """(input_ids, position_ids, attention mask) right-padded to a multiple of `multiple` tokens.
+
+    Sequence parallelism splits the sequence evenly over the TP ranks. Padding at the end is
+    invisible to the real tokens (causal attention; a padding mask also hides the new keys), and
+    the caller cuts the logits back to the real length.
+    """
+    ids, pos, attn = mb["input_ids"], mb["position_ids"], mb["attn"]
+    pad = -ids.shape[1] % multiple
+    if pad == 0:
+        return ids, pos, attn
+    ids = torch.nn.functional.pad(ids, (0, pad))
+    pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
+    if attn is not None:  # [b, 1, s, s], True = masked: the padding keys stay masked
+        s = attn.shape[-1]
+        attn = torch.nn.functional.pad(attn, (0, pad, 0, pad), value=True)
+        idx = torch.arange(s, s + pad, device=attn.device)
+        attn[:, :, idx, idx] = False  # a padding query sees itself (no all-masked row)
+    return ids, pos, attn
 
 
 def _finite(*tensors: torch.Tensor, mask: torch.Tensor | None = None) -> bool:

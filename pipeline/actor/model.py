@@ -80,7 +80,8 @@ def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         virtual_pipeline_model_parallel_size=cfg.vpp if (cfg.vpp or 1) > 1 else None,
-        sequence_parallel=False,
+        sequence_parallel=cfg.sequence_parallel,
+        **recompute_kwargs(cfg),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -94,6 +95,26 @@ def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
     )
+
+
+def recompute_kwargs(cfg: ActorConfig) -> dict:
+    """Activation recompute as megatron spells it: "selective" checkpoints `recompute_modules` of
+    every layer (core attention by default), "full" whole layers (`recompute_method` uniform: chunks
+    of `recompute_num_layers` layers keep only their input; block: the first n layers per stage)."""
+    if cfg.recompute_granularity == "none":
+        return {}
+    if cfg.recompute_granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(cfg.recompute_modules)}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": cfg.recompute_method,
+        "recompute_num_layers": cfg.recompute_num_layers,
+    }
+
+
+def sequence_multiple(cfg: ActorConfig) -> int:
+    """Sequences must be a multiple of this (sequence parallel splits them over the TP ranks)."""
+    return cfg.tp if cfg.sequence_parallel else 1
 
 
 def rope_inv_freq(hf_config: dict) -> torch.Tensor:

@@ -86,23 +86,38 @@ class ActorWorker:
         )
 
     def compute_log_prob(self, batch: dict, entropy: bool, influence: bool, weights: str):
-        out = self.actor.compute_log_prob(
-            self._shard(batch), entropy=entropy, influence=influence, broadcast=False, weights=weights
-        )
+        with self.actor.resident(needs=("weights",)):
+            out = self.actor.compute_log_prob(
+                self._shard(batch), entropy=entropy, influence=influence, broadcast=False, weights=weights
+            )
         if not self._reports():
             return None
         return self.ps.get_data_parallel_rank(), {k: v.cpu() for k, v in out.items()}
 
     def train_step(self, batch: dict, loss_cfg, step: int, inject_nan: bool):
-        return self.actor.train_step(self._shard(batch), loss_cfg, step=step, inject_nan=inject_nan)
+        with self.actor.resident():
+            return self.actor.train_step(self._shard(batch), loss_cfg, step=step, inject_nan=inject_nan)
+
+    def offload(self, parts: tuple[str, ...]) -> dict:
+        return self.actor.offload(parts)
+
+    def onload(self, parts) -> dict:
+        return self.actor.onload(parts)
 
     def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
         """Stream the HF-named weights into the engines; every rank drives the export's collectives."""
         import time
 
+        t0 = time.perf_counter()
+        with self.actor.resident(needs=("weights",)):
+            self.actor.sync_params()  # a deferred all-gather (overlap_param_gather) must land first
+            return self._sync_weights(target, version, bucket_bytes, t0)
+
+    def _sync_weights(self, target: dict, version: int, bucket_bytes: int, t0: float) -> dict:
+        import time
+
         from pipeline.actor.export import export_hf_buckets
 
-        t0 = time.perf_counter()
         buckets = export_hf_buckets(self.actor, self.hf_config, bucket_bytes=bucket_bytes)
         nbytes = 0
         if self.rank != 0:
@@ -131,10 +146,12 @@ class ActorWorker:
         return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
 
     def save_checkpoint(self, path: str, extra: dict):
-        self.actor.save_checkpoint(path, extra)
+        with self.actor.resident():
+            self.actor.save_checkpoint(path, extra)
 
     def load_checkpoint(self, path: str) -> dict:
-        return self.actor.load_checkpoint(path)
+        with self.actor.resident():
+            return self.actor.load_checkpoint(path)
 
 
 class ActorGroup:
@@ -171,6 +188,15 @@ class ActorGroup:
 
     def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
         return self._all("sync_weights", target, version, bucket_bytes)[0]
+
+    # ---- colocated memory phases (actor.offload) ------------------------------------------------
+    def offload(self, parts: tuple[str, ...] = ("weights", "grads", "optimizer")) -> dict:
+        """Every rank's `parts` to host memory (the engines' turn on the GPUs); bytes of rank 0."""
+        return self._all("offload", tuple(parts))[0]
+
+    def onload(self, parts: tuple[str, ...] | None = None) -> dict:
+        """Every rank's offloaded state (or `parts` of it) back on its device, bit for bit."""
+        return self._all("onload", parts)[0]
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         self._all("save_checkpoint", path, extra)

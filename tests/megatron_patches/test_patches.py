@@ -179,6 +179,7 @@ def test_cpu_patches_run_tp_pp_vpp_ddp_and_checkpoint_with_known_cuda_sites_only
             "gloo_contiguous_collectives",
             "unbatched_p2p_on_gloo",
             "torch_adam_step_in_checkpoints",
+            "torch_norm_sequence_parallel",
         ]
         print("intercepted CUDA call sites:", sorted(hits))
         new_sites = sorted(set(hits) - KNOWN_CUDA_SITES)
