@@ -31,7 +31,7 @@ from pipeline.data import PromptSampler, load_prompts
 from pipeline.filters import fill_batch
 from pipeline.metrics import MetricsLogger
 from pipeline.rewards import compute_rewards, load_reward_fn
-from pipeline.rollout import Sample, SamplingParams, logprob_mismatch
+from pipeline.rollout import RolloutAborted, Sample, SamplingParams, logprob_mismatch
 
 log = logging.getLogger("pipeline.train")
 
@@ -72,42 +72,57 @@ class Trainer:
         self.dynamics = telemetry.RunningCorrelation()  # predicted vs measured entropy change
         self.law_points: list[tuple[float, float]] = []  # (eval entropy, eval reward) per evaluation
         self._start_cluster()
-        if not self._resume():
-            self.sync_weights(0)  # the engines loaded the same HF weights: prove the mapping first
+        # [i14] Colocated, the engines hand the GPUs to the actor, which resumes (or keeps the HF
+        # weights the engines loaded too), then take them back with the actor's weights synced and
+        # checked: the first sync proves the mapping.
+        self.phases.training()
+        self._resume()
+        self.phases.rollout(lambda: self.sync_weights(self.step), moved=True)
 
     def _start_cluster(self) -> None:
         from pipeline.cluster import placement
         from pipeline.cluster.actor_group import ActorGroup
-        from pipeline.cluster.ray_env import init_ray, ray_gpus
+        from pipeline.cluster.phases import MemoryPhases
+        from pipeline.cluster.ray_env import init_ray
         from pipeline.cluster.rollout_group import RolloutGroup
 
         cfg, t = self.cfg, self.cfg.trainer
-        sglang = cfg.rollout.engine == "sglang"
 
-        def plan(gpus: bool):  # SGLang: one owner actor starts every server on its node
-            return placement.plan(
+        def plan(gpus_per_node: int) -> placement.Layout:  # [i14] one Ray actor per engine
+            return placement.layout(
                 t.world_size,
-                1 if sglang else cfg.rollout.num_engines,
-                cfg.rollout.tp_size * cfg.rollout.num_engines if sglang else 1,
+                cfg.rollout.num_engines,
+                cfg.rollout.tp_size,
                 colocate=cfg.rollout.colocate,
-                gpus=gpus,
+                gpus_per_node=gpus_per_node,
+                actor_tp=cfg.actor.tp,
                 engine_cpus=cfg.rollout.engine_cpus,
             )
 
         with tqdm(total=3, desc="starting Ray, Megatron ranks, engines", leave=False) as bar:
-            local_gpus = torch.cuda.is_available()
-            cpus = t.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(plan(local_gpus).required_cpus))
+            local = plan(torch.cuda.device_count())
+            cpus = t.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(local.required_cpus))
             init_ray(t.ray_address, num_cpus=cpus)
             # GPUs as the Ray cluster has them (the driver itself may see none under srun --overlap)
-            self.plan = plan(ray_gpus() > 0)
-            self.pg = placement.create(self.plan)
+            self.layout = placement.create(plan(placement.cluster_gpus_per_node()))
+            for note in self.layout.notes:
+                log.warning("placement differs from the plan: %s", note)
             bar.update(1)
             self.actors = ActorGroup(
-                cfg.actor, cfg.actor.model_path, self.pg, self.plan, reference=self.needs_reference
+                cfg.actor, cfg.actor.model_path, self.layout, reference=self.needs_reference
             )
+            if cfg.rollout.colocate and cfg.actor.offload:
+                self.actors.offload()  # [i14] the engines start on GPUs the actor has left
             bar.update(1)
             self.rollout = RolloutGroup(
-                cfg.rollout, self.pg, self.plan, seed=t.seed, eos_token_ids=[self.tokenizer.eos_token_id]
+                cfg.rollout,
+                self.layout,
+                seed=t.seed,
+                eos_token_ids=[self.tokenizer.eos_token_id],
+                log_dir=str(self.run_dir / "logs" / "rollout"),
+            )
+            self.phases = MemoryPhases(
+                self.actors, self.rollout, colocate=cfg.rollout.colocate, offload=cfg.actor.offload
             )
             bar.update(1)
 
@@ -209,6 +224,8 @@ class Trainer:
             return {"skipped": 1, **out, **timings}
         mask = batch["response_mask"]
         watch = t.entropy_telemetry
+        with timed(timings, "to_training"):
+            self.phases.training()  # [i14] colocated: the engines give the GPUs to the actor
         with timed(timings, "old_log_prob"):
             old = self.actors.compute_log_prob(batch, entropy=True, influence=watch)
         batch["old_log_prob"] = old["log_prob"]
@@ -220,16 +237,12 @@ class Trainer:
         loss_cfg = cfg.loss
         if self.controller is not None:
             loss_cfg = dataclasses.replace(cfg.loss, entropy_coef=self.controller.alpha())
-        if cfg.rollout.colocate:
-            self.rollout.release_memory()  # the engines' memory goes back while the actor trains
         updates = []
         with timed(timings, "update"):
             for _epoch in range(t.epochs):
                 for mb in split_rows(batch, t.mini_batches_per_step):
                     inject = self.step + 1 in t.inject_nan_at_steps
                     updates.append(self.actors.train_step(mb, loss_cfg, self.step, inject_nan=inject))
-        if cfg.rollout.colocate:
-            self.rollout.resume_memory()
         ok = all(u.get("update_successful", True) and not u.get("nonfinite") for u in updates)
         self.nan_streak = 0 if ok else self.nan_streak + 1
         if ok:
@@ -239,10 +252,13 @@ class Trainer:
                 with timed(timings, "entropy_telemetry"):
                     new = self.actors.compute_log_prob(batch, entropy=True)
                 out.update(self._dynamics(batch, old, new))
-            with timed(timings, "weight_sync"):
-                out.update(self.sync_weights(self.step + 1))
         elif watch:
             out.update(self._dynamics(batch, old, None))
+        # [i14] The engines' turn again: new weights after an update; after a skipped step the same
+        # version again only where the engines' released weights are gone (colocated GPUs).
+        version = self.step + 1 if ok else self.weight_version
+        with timed(timings, "weight_sync"):
+            out.update(self.phases.rollout(lambda: self.sync_weights(version), moved=ok) or {})
         rewards = [s.meta["reward"] for s in samples]
         n = len(rewards)
         valid = mask.bool()
@@ -411,8 +427,8 @@ class Trainer:
         if self.controller is not None and extra.get("controller"):
             self.controller.load_state_dict(extra["controller"])
         self.step = step
+        self.weight_version = step  # [i14] the caller syncs this version into the engines
         self.metrics.truncate_after(step)
-        self.sync_weights(step)
         log.info("resumed from %s (step %d)", path, step)
         print(f"[pipeline] resumed from {path} (step {step})", flush=True)
         return True
@@ -431,11 +447,17 @@ class Trainer:
                 },
             )
             if t.eval_every:
-                self.metrics.log(0, self.evaluate())
+                try:
+                    self.metrics.log(0, self.evaluate())
+                except RolloutAborted:  # [i14] preemption during the first evaluation
+                    return self._preempted()
         bar = tqdm(total=t.steps, initial=self.step, desc="RL steps", unit="step")
         try:
             while self.step < t.steps:
-                m = self.train_step()
+                try:
+                    m = self.train_step()
+                except RolloutAborted:  # [i14] a preemption request aborted the step's rollout
+                    return self._preempted()
                 if self.nan_streak > t.max_nan_steps:
                     raise TrainingError(
                         f"{self.nan_streak} steps in a row with a non-finite loss or gradient "
@@ -450,7 +472,10 @@ class Trainer:
                     )
                 self.step += 1
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                    m.update(self.evaluate())
+                    try:
+                        m.update(self.evaluate())
+                    except RolloutAborted:  # [i14] the evaluation is dropped; the step is checkpointed
+                        log.warning("step %d: evaluation aborted by a preemption request", self.step)
                 saved = t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.steps)
                 if saved:
                     m.update(self.save())
@@ -470,12 +495,20 @@ class Trainer:
             self.metrics.close()
         return "done"
 
+    def _preempted(self) -> str:
+        """[i14] Checkpoint the last complete step (unless it is) and report "preempted"."""
+        found = checkpoint.latest_complete(self.run_dir / "checkpoints")
+        if found is None or found[0] != self.step:
+            self.save()
+        log.warning("preemption requested: checkpointed step %d, exiting for requeue", self.step)
+        return "preempted"
+
     def shutdown(self) -> None:
         import ray
 
         self.rollout.shutdown()
         self.actors.shutdown()
-        ray.util.remove_placement_group(self.pg)
+        ray.util.remove_placement_group(self.layout.pg)
 
 
 # ---- small helpers ---------------------------------------------------------------------------------

@@ -83,7 +83,18 @@ stop_ray() {
         wait "$RAY_PID" 2>/dev/null
     fi
     RAY_PID=""
+    keep_logs
     if [ -n "$TMP_DIR" ]; then rm -rf "$TMP_DIR"; fi
+}
+# The node's Ray session logs (raylet, GCS, every worker's stdout/stderr) go to the job's log dir on
+# shared storage before the private temp dir is removed.
+keep_logs() {
+    local src="$TMP_DIR/session_latest/logs"
+    if [ -n "$TMP_DIR" ] && [ -n "${RAY_LOG_DIR:-}" ] && [ -d "$src" ]; then
+        mkdir -p "$RAY_LOG_DIR/ray-logs-$NODE" && cp -rL "$src/." "$RAY_LOG_DIR/ray-logs-$NODE/" 2>/dev/null
+        log "Ray logs kept in $RAY_LOG_DIR/ray-logs-$NODE"
+    fi
+    return 0
 }
 trap 'stop_ray; exit 143' TERM INT
 trap 'stop_ray' EXIT

@@ -26,10 +26,23 @@ def _free_port() -> int:
 class ActorWorker:
     """A Megatron rank: process group, parallel state and `MegatronActor`, inside one Ray actor."""
 
-    def __init__(self, rank: int, world_size: int, actor_cfg, hf_dir: str, backend: str, reference: bool):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        actor_cfg,
+        hf_dir: str,
+        backend: str,
+        reference: bool,
+        planned_gpu: int | None = None,
+    ):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.args = (actor_cfg, hf_dir, reference)
+        if planned_gpu is not None and [int(g) for g in ray.get_gpu_ids()] != [planned_gpu]:
+            raise RuntimeError(
+                f"Megatron rank {rank} was planned on GPU {planned_gpu} but Ray gave it {ray.get_gpu_ids()}"
+            )
 
     def address(self) -> str:
         """Where rank 0 hosts the rendezvous (its node's address and a free port there)."""
@@ -155,16 +168,15 @@ class ActorWorker:
 
 
 class ActorGroup:
-    def __init__(self, actor_cfg, hf_dir: str, pg, plan: placement.Plan, *, reference: bool = False):
-        backend = "nccl" if plan.actor_gpus else "gloo"
-        world_size = len(plan.actor_bundles)
+    def __init__(self, actor_cfg, hf_dir: str, lay: placement.Layout, *, reference: bool = False):
+        backend = "nccl" if lay.gpus else "gloo"
+        world_size = len(lay.ranks)
+        # Rank r on the r-th device in (node, GPU) order: tensor-parallel groups on one node.
         self.workers = [
-            ActorWorker.options(
-                num_cpus=plan.actor_cpus,
-                num_gpus=plan.actor_gpus,
-                scheduling_strategy=placement.in_bundle(pg, b),
-            ).remote(i, world_size, actor_cfg, hf_dir, backend, reference)
-            for i, b in enumerate(plan.actor_bundles)
+            ActorWorker.options(**placement.rank_options(lay, r)).remote(
+                r, world_size, actor_cfg, hf_dir, backend, reference, d.gpu
+            )
+            for r, d in enumerate(lay.ranks)
         ]
         master = ray.get(self.workers[0].address.remote())
         self.infos = ray.get([w.start.remote(master) for w in self.workers])
