@@ -53,6 +53,7 @@ class ActorConfig:
     overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
     overlap_param_gather: bool = False  # all-gather updated weights during the next forward
     offload: bool = False  # weights, grads, optimizer state to host while colocated engines generate
+    layer_spec: str = "auto"  # "auto": Transformer Engine where CUDA has it, else "local"; or force one
 
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch_size", "make_vocab_size_divisible_by"):
@@ -88,6 +89,10 @@ class ActorConfig:
         if self.temperature <= 0:
             raise ConfigError(f"actor.temperature={self.temperature}: must be > 0")
         self._validate_scale_switches()
+        if self.layer_spec not in ("auto", "local", "transformer_engine"):
+            raise ConfigError(
+                f"actor.layer_spec={self.layer_spec!r}: expected 'auto', 'local' or 'transformer_engine'"
+            )
 
     def _validate_scale_switches(self) -> None:
         if self.sequence_parallel and self.tp < 2:

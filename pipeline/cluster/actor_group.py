@@ -131,6 +131,12 @@ class ActorWorker:
 
         from pipeline.actor.export import export_hf_buckets
 
+        if (
+            target["kind"] == "sglang"
+            and target.get("engine_ranks")
+            and target["cfg"].sync_method == "tensor"
+        ):
+            return self._sync_colocated(target, version, bucket_bytes, t0)
         buckets = export_hf_buckets(self.actor, self.hf_config, bucket_bytes=bucket_bytes)
         nbytes = 0
         if self.rank != 0:
@@ -155,6 +161,27 @@ class ActorWorker:
                 self._sglang = SGLangEngine.attach(cfg, target["urls"], eos_token_ids=[])
             self._sglang.update_weights((kv for bucket in buckets for kv in bucket), version)
             nbytes = int(self._sglang.metrics["sync/mb"] * (1 << 20))
+        dt = time.perf_counter() - t0
+        return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
+
+    def _sync_colocated(self, target: dict, version: int, bucket_bytes: int, t0: float) -> dict:
+        """Colocated engines take every bucket from the GPU they share with a rank (CUDA IPC)."""
+        import time
+
+        from pipeline.actor.export import export_hf_buckets
+        from pipeline.rollout.cuda_ipc import ColocatedSync
+
+        if not hasattr(self, "_ipc"):  # its process groups are made once, by every rank
+            self._ipc = ColocatedSync(target["engine_ranks"], target["urls"], self.rank)
+        self._ipc.begin()
+        nbytes = 0
+        for bucket in export_hf_buckets(
+            self.actor, self.hf_config, bucket_bytes=bucket_bytes, everywhere=True
+        ):
+            nbytes += self._ipc.push(bucket, version)
+        self._ipc.end()
+        if self.rank != 0:
+            return {}
         dt = time.perf_counter() - t0
         return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
 
