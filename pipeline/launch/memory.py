@@ -28,54 +28,25 @@ engine weights + two weight-sync buckets).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pipeline.actor.hf_mapping.family import Dims
 
 GIB = 1024**3
 PROCESS_GIB = 1.5  # CUDA context, NCCL buffers, allocator slack per process
 FIT_FRACTION = 0.95  # a plan must leave 5 % of the GPU for fragmentation
 
 
-@dataclass(frozen=True, slots=True)
-class Shape:
-    """The dimensions of a decoder model that decide its memory (from a HF config.json)."""
-
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @classmethod
-    def of(cls, hf: dict) -> Shape:
-        heads = hf["num_attention_heads"]
-        return cls(
-            layers=hf["num_hidden_layers"],
-            hidden=hf["hidden_size"],
-            ffn=hf["intermediate_size"],
-            heads=heads,
-            kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            vocab=hf["vocab_size"],
-            tied=bool(hf.get("tie_word_embeddings", False)),
-        )
-
-    @property
-    def layer_params(self) -> int:
-        h, d = self.hidden, self.head_dim
-        attention = h * self.heads * d * 2 + h * self.kv_heads * d * 2 + (self.heads + 2 * self.kv_heads) * d
-        return attention + 3 * h * self.ffn + 2 * h  # + q/k/v biases, SwiGLU, two norms
-
-    @property
-    def params(self) -> int:
-        return (
-            self.layers * self.layer_params + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-        )
+def layer_params(d: Dims) -> int:
+    """Parameters of one decoder layer: attention (with q/k/v biases), SwiGLU MLP, two norms."""
+    attention = d.hidden * d.heads * d.head_dim * 2 + d.hidden * d.groups * d.head_dim * 2
+    return attention + (d.heads + 2 * d.groups) * d.head_dim + 3 * d.hidden * d.ffn + 2 * d.hidden
 
 
-def actor(cfg, shape: Shape, *, world_size: int, tokens_per_micro_batch: int, micro_batches: int) -> dict:
+def params(d: Dims) -> int:
+    """Parameters of the whole model (one or two vocabulary matrices, the final norm)."""
+    return d.layers * layer_params(d) + d.vocab * d.hidden * (1 if d.tied else 2) + d.hidden
+
+
+def actor(cfg, shape: Dims, *, world_size: int, tokens_per_micro_batch: int, micro_batches: int) -> dict:
     """GiB per GPU of one Megatron rank on the worst pipeline stage while it trains."""
     t, pp, vpp = cfg.tp, cfg.pp, cfg.vpp or 1
     dp = world_size // (t * pp)
@@ -83,10 +54,10 @@ def actor(cfg, shape: Shape, *, world_size: int, tokens_per_micro_batch: int, mi
     layers = shape.layers // pp
     # Stage 0 holds the embedding, the last stage the output layer (both at pp = 1, unless tied).
     vocab_mats = 1 if pp > 1 or shape.tied else 2
-    p = (layers * shape.layer_params + vocab_mats * shape.vocab * shape.hidden) / t
+    p = (layers * layer_params(shape) + vocab_mats * shape.vocab * shape.hidden) / t
     opt_bytes = (8 if cfg.dtype == "float32" else 12) / (dp if cfg.use_distributed_optimizer else 1)
     h, f = shape.hidden, shape.ffn
-    kv = 2 * shape.kv_heads * shape.head_dim
+    kv = 2 * shape.groups * shape.head_dim
     shard = t if cfg.sequence_parallel else 1
     per_layer = 4 * h / shard + (2 * h + kv + 3 * f) / t  # elements per token
     if cfg.recompute_granularity == "selective" and "mlp" in cfg.recompute_modules:
@@ -117,12 +88,12 @@ def actor(cfg, shape: Shape, *, world_size: int, tokens_per_micro_batch: int, mi
     return out
 
 
-def engine(rcfg, shape: Shape, *, gpu_gib: float, sequence_tokens: int) -> dict:
+def engine(rcfg, shape: Dims, *, gpu_gib: float, sequence_tokens: int) -> dict:
     """GiB per GPU of one SGLang engine (its static reservation) and what its KV cache holds."""
     tp = rcfg.tp_size
-    weights = shape.params * 2 / tp / GIB  # bf16 serving
+    weights = params(shape) * 2 / tp / GIB  # bf16 serving
     static = rcfg.mem_fraction_static * gpu_gib
-    kv_per_token = 2 * shape.layers * max(shape.kv_heads // tp, 1) * shape.head_dim * 2
+    kv_per_token = 2 * shape.layers * max(shape.groups // tp, 1) * shape.head_dim * 2
     kv = max(static - weights, 0.0)
     kv_tokens = int(kv * GIB / kv_per_token)
     return {

@@ -95,7 +95,7 @@ def build(cfg, *, nodes: int, gpus_per_node: int, gpu_gib: float = 80.0, hf: dic
             raise PlanRefused(str(e), report) from None
     if not gpus_per_node or hf is None:
         return report
-    shape = memory.Shape.of(hf)
+    shape = memory.Dims.of(hf)
     seq = cfg.data.max_prompt_tokens + t.max_response_tokens
     dp = t.world_size // (a.tp * a.pp)
     rows = t.prompts_per_step * t.samples_per_prompt // t.mini_batches_per_step // dp

@@ -42,16 +42,16 @@ def test_the_command_line_runs_plan():
 
 
 def test_model_shapes_match_the_published_parameter_counts():
-    s7 = memory.Shape.of(json.loads((REPO / "configs/models/qwen2.5-7b.json").read_text()))
-    s32 = memory.Shape.of(json.loads((REPO / "configs/models/qwen2.5-32b.json").read_text()))
-    assert abs(s7.params / 7.62e9 - 1) < 0.01 and abs(s32.params / 32.76e9 - 1) < 0.01  # model cards
+    s7 = memory.Dims.of(json.loads((REPO / "configs/models/qwen2.5-7b.json").read_text()))
+    s32 = memory.Dims.of(json.loads((REPO / "configs/models/qwen2.5-32b.json").read_text()))
+    assert abs(memory.params(s7) / 7.62e9 - 1) < 0.01 and abs(memory.params(s32) / 32.76e9 - 1) < 0.01
 
 
 def test_actor_memory_by_hand_for_the_7b_recipe():
     """TP4 x DP4, 28 layers: p = (28 layer + 2 vocab matrices) / 4 params per GPU."""
     cfg = load(Config, REPO / R7)
-    shape = memory.Shape.of(json.loads((REPO / "configs/models/qwen2.5-7b.json").read_text()))
-    p = (28 * shape.layer_params + 2 * 152064 * 3584) / 4
+    shape = memory.Dims.of(json.loads((REPO / "configs/models/qwen2.5-7b.json").read_text()))
+    p = (28 * memory.layer_params(shape) + 2 * 152064 * 3584) / 4
     got = memory.actor(cfg.actor, shape, world_size=16, tokens_per_micro_batch=10240, micro_batches=64)
     assert got["weights"] == pytest.approx(p * 2 / memory.GIB)
     assert got["grads"] == pytest.approx(p * 4 / memory.GIB)
