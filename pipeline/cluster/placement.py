@@ -12,9 +12,10 @@ Two halves, the same numbering:
                   with the checks that refuse what cannot be scheduled. `python -m pipeline plan`
                   prints it before anything starts.
     create(...)   on Ray: one bundle per device, a PACK placement group, every bundle probed for its
-                  node and GPU id, bundles sorted by (node address, node id, GPU) as slime and verl
-                  do, roles given out in that order, then the invariants asserted (an engine on one
-                  node, no GPU in two engines, a colocated engine on its ranks' GPUs).
+                  node and GPU id, bundles sorted by node (fuller nodes first, then address and
+                  id) and GPU id, as slime and verl sort them, roles given out in that order, then
+                  the invariants asserted (an engine on one node, no GPU in two engines, a
+                  colocated engine on its ranks' GPUs).
 
 On a GPU cluster a bundle is one GPU (plus a CPU share). On a CPU box a bundle is CPUs only:
 colocated, a rank and an engine each take half of it (the CPU demo's TP=2 job fits a 2-CPU Ray
@@ -268,8 +269,14 @@ def probe(pg, n_bundles: int, *, gpus: bool, wave: int = 16) -> list[Device]:
 
 
 def assign(plan: Layout, probed: list[Device]) -> Layout:
-    """The plan's roles on the probed bundles, sorted by (node address, node id, GPU)."""
-    node_order = sorted({(d.node_ip, d.node_id) for d in probed})
+    """The plan's roles on the probed bundles, sorted by node (fullest first, then address and id)
+    and GPU id."""
+    # Nodes in (address, id) order, fuller nodes first: the plan fills whole nodes and leaves the
+    # remainder on the last one, and PACK may have put that remainder on any node.
+    count: dict[tuple[str, str], int] = {}
+    for d in probed:
+        count[(d.node_ip, d.node_id)] = count.get((d.node_ip, d.node_id), 0) + 1
+    node_order = sorted(count, key=lambda key: (-count[key], key))
     node_index = {key: i for i, key in enumerate(node_order)}
     devices = [
         Device(node_index[(d.node_ip, d.node_id)], d.gpu, d.bundle, d.node_ip, d.node_id) for d in probed

@@ -174,14 +174,14 @@ def _visible(rank_options: dict):
     return where.options(**rank_options).remote()
 
 
-CASES = {  # recipe, colocate, GPUs per fake node, overrides
+CASES = {  # recipe, colocate, GPUs per fake node (disaggregated: engines straddle the nodes), overrides
     "7b_colocated": ("qwen2.5-7b_dapo_clip_cov", True, 8, []),
-    "7b_disaggregated": ("qwen2.5-7b_dapo_clip_cov", False, 16, ["rollout.sync_method=distributed"]),
+    "7b_disaggregated": ("qwen2.5-7b_dapo_clip_cov", False, 24, ["rollout.sync_method=distributed"]),
     "32b_colocated": ("qwen2.5-32b_kl_cov", True, 32, []),
     "32b_disaggregated": (
         "qwen2.5-32b_kl_cov",
         False,
-        48,
+        80,
         ["rollout.num_engines=8", "rollout.sync_method=distributed"],
     ),
 }
@@ -247,3 +247,18 @@ def test_recipe_placement_on_a_two_node_ray_cluster_with_fake_gpus(fake_gpu_clus
             for w in group.workers:
                 ray.kill(w)
         ray.util.remove_placement_group(real.pg)
+
+
+def test_a_partial_node_is_numbered_last_whatever_its_id():
+    """PACK may leave the remainder of a disaggregated job on any node: fuller nodes come first."""
+    plan = placement.layout(8, 2, 2, colocate=False, gpus_per_node=8)  # 12 GPUs: a full node and 4 more
+    probed = [
+        placement.Device(-1, g, b, "10.0.0.1", "aaa") for b, g in enumerate(range(4))
+    ]  # the partial node
+    probed += [placement.Device(-1, g, 4 + b, "10.0.0.1", "zzz") for b, g in enumerate(range(8))]
+    real = placement.assign(plan, probed)
+    assert real.notes == [] and {r.node_id for r in real.ranks} == {"zzz"}
+    assert [(e.node, e.gpus, e.devices[0].node_id) for e in real.engines] == [
+        (1, [0, 1], "aaa"),
+        (1, [2, 3], "aaa"),
+    ]
