@@ -170,7 +170,7 @@ def test_container_option_puts_every_step_in_the_named_container(tmp_path):
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     calls = log.read_text().splitlines()
-    assert len(calls) == 4, calls  # address, head, workers, driver
+    assert len(calls) == 5, calls  # address, head, workers, driver, the logs collected at the end
     for call in calls:
         assert "--container-image=/img/rl.sqsh --container-name=rl-4242" in call, call
         assert f"--container-workdir={REPO}" in call and "--container-mounts=/shared:/shared" in call
@@ -317,7 +317,7 @@ def test_one_node_job_completes_with_metrics_and_checkpoint(slurm_cluster, tmp_p
     assert "head ready at 127.0.0.1" in job.log("ray-head.log")
     assert "ready: 1/1 nodes, 2/2 CPUs" in job.log("wait.log")
     assert "[standin] done at step 3" in job.log("driver.log")
-    kept = job.run_dir / "slurm" / f"{job.id}-r0" / "ray-logs-n1"  # Ray's session logs, kept
+    kept = job.run_dir / "slurm" / f"{job.id}-r0" / "ray-logs-0"  # Ray's session logs, kept
     assert (kept / "raylet.out").exists() and (kept / "gcs_server.out").exists(), sorted(
         kept.parent.iterdir()
     )
