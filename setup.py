@@ -28,7 +28,8 @@ setup(
     extras_require={
         # Everything the CPU test suite needs. Never Transformer Engine, apex or flash-attn:
         # importable on a CPU machine, they break megatron-core (see docs/megatron-cpu notes).
-        "test": ["pytest", "ruff"],
+        # Triton runs the vocab-parallel kernels' tests on CPU through its interpreter.
+        "test": ["pytest", "ruff", "triton"],
         # What a GPU cluster adds. Never installed on CPU machines.
         "gpu": ["transformer-engine[pytorch]", "triton"],
     },

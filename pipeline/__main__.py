@@ -59,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.train import Trainer, TrainingError
 
         try:
-            trainer = Trainer(cfg)
+            trainer = Trainer(cfg)  # its start-up checks raise ConfigError before Ray starts
             try:
                 status = trainer.run()
             finally:
                 trainer.shutdown()
-        except (TrainingError, ConfigError) as e:
+        except ConfigError as e:
+            print(f"configuration error: {e}", file=sys.stderr)
+            return 2
+        except TrainingError as e:
             print(f"[pipeline] stopped: {e}", file=sys.stderr)
             return 1
         if status == "preempted":

@@ -7,13 +7,19 @@ this module assembles them into `Config` and provides the loader:
 
 Every dataclass may define `validate(self)`; it is called for the whole tree after loading and
 raises `ConfigError` naming the field (`loss.clip_ratio_low`) and what would work.
+
+Rules the loader applies to every field, so no section repeats them: a number must be finite (NaN
+and inf are refused wherever a number is read); a recipe must be a UTF-8 YAML file without
+duplicate keys; an override value that is not valid YAML is taken as the literal string.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +28,48 @@ import yaml
 from pipeline.errors import ConfigError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML says the last one wins,
+    which silently drops the first setting)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are deliberate
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.YAMLError(
+                    f"line {line}: duplicate key {key!r} (first on line {seen[key]}); keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Turn a YAML/CLI value into the annotated type `tp`, or raise ConfigError naming `where`."""
+    """Turn a YAML/CLI value into the annotated type `tp`, or raise ConfigError naming `where`.
+
+    The one place numbers are read: a NaN or infinite number is refused for every field."""
+    out = _convert(value, tp, where)
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ConfigError(f"{where}: got {out}; expected a finite number")
+    return out
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -56,8 +98,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = _yaml(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: {value!r} is not a valid list ({_one_line(e)})") from None
+        elif isinstance(value, str):
+            value = value.split(",")
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -65,8 +112,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
+        if isinstance(value, dict | list | tuple):  # nested numbers are numbers too
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                _coerce(v, Any, f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -83,9 +135,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(f)
+        return int(value) if isinstance(value, int) else int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -129,7 +181,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = _yaml(raw) if raw != "" else ""
+        except yaml.YAMLError:  # `data.system_prompt=Answer: [x`: the literal text
+            value = raw
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -166,10 +221,22 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} is not a file; pass a YAML recipe such as configs/demo_cpu.yaml"
+        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the recipe as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror})") from None
+    try:
+        data = _yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,15 +55,22 @@ class HFWeights(Mapping):
         index = path / "model.safetensors.index.json"
         files: dict[str, Path] = {}
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index}: no 'weight_map' mapping of tensor names to shard files")
             missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
             if missing:
                 raise ConversionError(f"{path}: shard file(s) {missing} listed in {index.name} are missing")
             files = {k: path / f for k, f in weight_map.items()}
         else:
             for f in sorted(path.glob("*.safetensors")):
-                with safe_open(f, framework="pt") as h:
-                    files.update(dict.fromkeys(h.keys(), f))
+                try:
+                    with safe_open(f, framework="pt") as h:
+                        files.update(dict.fromkeys(h.keys(), f))
+                except Exception as e:  # truncated or corrupt file
+                    raise ConversionError(
+                        f"{f}: cannot read this safetensors file ({e}); is it complete?"
+                    ) from e
         if not files:
             raise ConversionError(f"{path}: no *.safetensors weights found")
         self._files, self._shapes = files, {}
@@ -97,11 +106,26 @@ class HFWeights(Mapping):
         return len(self._files)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or ConversionError naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e}); is the file complete?") from None
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def read_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise ConversionError(f"{hf_dir}: no config.json")
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
+    return read_json(path)
 
 
 def check_hf(hf: HFWeights, hf_config: dict) -> list:
@@ -118,14 +142,68 @@ def check_hf(hf: HFWeights, hf_config: dict) -> list:
     return rules
 
 
-def prepare_out_dir(out: str | Path, force: bool) -> Path:
+def check_out_dir(out: str | Path, force: bool, inputs: dict[str, Path]) -> Path:
+    """Refuse an output directory that is, contains or is inside an input (`{"--hf-dir": path}`), or
+    that exists and is not empty without `force` (replacing it would delete what the user gave)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise ConversionError(f"{out} exists and is not empty; pass --force to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    real = out.resolve()
+    for flag, path in inputs.items():
+        inp = Path(path).resolve()
+        if real == inp:
+            how = "is"
+        elif inp.is_relative_to(real):
+            how = "contains"
+        elif real.is_relative_to(inp):
+            how = "is inside"
+        else:
+            continue
+        raise ConversionError(
+            f"--out-dir {out} {how} the input {flag} {path}; writing there could destroy the input, "
+            "choose a directory outside it"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out-dir {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConversionError(f"--out-dir {out} exists and is not empty; pass --force to replace it")
     return out
+
+
+@contextmanager
+def staged_out_dir(out: str | Path, force: bool, inputs: dict[str, Path]) -> Iterator[Path]:
+    """Yield a new empty sibling of `out` to write into; it replaces `out` only when the block ends
+    without an error, and is removed otherwise, so a failure never leaves a partial output in place.
+
+    `check_out_dir` first. A sibling left by a killed run (`.NAME.partial-PID`, PID gone) is removed."""
+    out = check_out_dir(out, force, inputs).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        if not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # empty, or replaced with --force: moved aside first, removed once tmp is in place
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def copy_hf_side_files(src: Path, dst: Path) -> list[str]:
@@ -313,6 +391,30 @@ def hf_to_torch_dist(
     return {"tensors": len(where), "padded_vocab": padded, "dtype": str(target)}
 
 
+def check_torch_dist(ckpt_dir) -> None:
+    """A torch_dist checkpoint's metadata is readable and every data file holds the bytes it lists
+    (a truncated or missing `.distcp` file is named), before anything is read or written."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / "metadata.json").is_file():
+        raise ConversionError(f"{ckpt}: not a torch_dist checkpoint (no metadata.json)")
+    read_json(ckpt / "metadata.json")
+    try:
+        md = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # missing, truncated or corrupt .metadata (a pickle)
+        raise ConversionError(f"{ckpt / '.metadata'}: cannot read the checkpoint's index ({e})") from None
+    needed: dict[str, int] = {}
+    for info in md.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = ckpt / name
+        have = f.stat().st_size if f.is_file() else None
+        if have is None or have < size:
+            state = "is missing" if have is None else f"has {have} of its {size} bytes"
+            raise ConversionError(f"{f} {state}: the checkpoint is incomplete")
+
+
 def read_torch_dist(
     ckpt_dir, hf_config: dict, *, progress: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -350,7 +452,14 @@ def read_torch_dist(
                 if size[0] != layers:
                     raise ConversionError(f"{key}: stored for {size[0]} layers, config.json says {layers}")
                 wanted[key] = ((layer,) + (0,) * (len(size) - 1), torch.empty((1, *size[1:]), dtype=dtype))
-        _load_state_dict({}, reader, no_dist=True, planner=_SlicePlanner(wanted))
+        try:
+            _load_state_dict({}, reader, no_dist=True, planner=_SlicePlanner(wanted))
+        except Exception as e:  # a data file whose bytes are there but do not decode
+            files = sorted({i.relative_path for k, i in reader.storage_data.items() if k.fqn in wanted})
+            raise ConversionError(
+                f"{ckpt_dir}: cannot read {', '.join(files) or 'its data files'} "
+                f"({' '.join(str(e).split())[:300]}); is the checkpoint intact?"
+            ) from None
         named = [
             (key, wanted[key][1])
             if layer is None
@@ -499,13 +608,26 @@ def peak_rss_mb() -> float:
 
 
 def cli_errors(fn):
-    """Run `fn()`; turn bad-input errors into one clear line on stderr and exit status 2."""
+    """Run `fn()`; turn bad-input errors into one clear line on stderr and exit status 2, a failing
+    disk (OSError) into one line and status 1. SIGTERM unwinds like Ctrl-C, so `staged_out_dir`
+    removes its partial output on either."""
+    import signal
     import sys
 
     from pipeline.actor.hf_mapping import UnsupportedArchitecture
 
+    def _terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn()
     except (ConversionError, WeightsMismatch, UnsupportedArchitecture) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        raise SystemExit(130) from None

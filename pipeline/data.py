@@ -6,9 +6,14 @@ Layouts that work without configuration:
 - GSM8K: ``{"question": ..., "answer": "... #### 72"}`` (the ground truth is the text after ``####``)
 - plain: ``{"prompt": "...", "answer": "..."}``
 
-Other layouts name their fields with dotted paths (``prompt_key="input.text"``). Bad rows (a missing
-field, an empty prompt, a prompt longer than the limit) are counted, reported with file and line,
-and skipped: they never reach the RL step.
+Files: JSON Lines (``.jsonl``, or ``.json`` holding JSON Lines or one JSON array of rows) and
+parquet. Other layouts name their fields with dotted paths (``prompt_key="input.text"``).
+
+Bad rows (a line that is not UTF-8 or not JSON, a row that is not an object, a missing field, an
+empty prompt, a prompt longer than the limit) are counted, reported with file and line, and skipped:
+they never reach the RL step. A file that cannot be read at all (missing, a directory, not parquet,
+no rows) or that leaves no usable prompt is a `ConfigError` naming the file, raised while the job
+starts (before Ray): an eval file that gives no prompt is an error too, never a silent "no evaluation".
 """
 
 from __future__ import annotations
@@ -61,12 +66,15 @@ class Prompt:
 class LoadReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
-    examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
+    problems: list[str] = field(default_factory=list)  # every skipped row: "file:line: reason"
+
+    @property
+    def examples(self) -> list[str]:
+        return self.problems[:10]
 
     def add_skip(self, where: str, reason: str) -> None:
         self.skipped[reason.split(":")[0]] += 1
-        if len(self.examples) < 10:
-            self.examples.append(f"{where}: {reason}")
+        self.problems.append(f"{where}: {reason}")
 
     def summary(self) -> str:
         if not self.skipped:
@@ -107,29 +115,66 @@ def _detect(row: dict) -> tuple[Any, str]:
     raise KeyError("no known layout (DAPO-Math prompt/reward_model, GSM8K question/answer, prompt/answer)")
 
 
+class _Unreadable(Exception):
+    """A whole file cannot be read; the message says why (the caller adds the field and path)."""
+
+
 def read_rows(path: str | Path):
-    """Yield (line_number, row dict or exception) from a jsonl or parquet file."""
+    """Yield (line or row number, row, or the reason the row is unusable) from a dataset file.
+
+    Raises `_Unreadable` for a file that cannot be read at all."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
+        raise _Unreadable("does not exist")
+    if not path.is_file():
+        raise _Unreadable("is not a file")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        yield from _parquet_rows(path)
         return
-    with path.open() as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, e
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _Unreadable(f"cannot be read ({e.strerror})") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+    if path.suffix == ".json" and data.lstrip()[:1] == b"[":  # one JSON array of rows
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _Unreadable(f"is not a valid JSON array ({e}); or write one JSON object per line") from None
+        yield from enumerate(rows, start=1)
+        return
+    for i, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield i, ValueError(f"not UTF-8: byte {raw[e.start]:#04x} at column {e.start + 1}")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, ValueError(f"invalid JSON: {e}")
+
+
+def _parquet_rows(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise _Unreadable(f"is not a readable parquet file ({' '.join(str(e).split())})") from None
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def _render(prompt: Any, tokenizer, cfg: DataConfig) -> str:
     if isinstance(prompt, list):  # chat messages
+        for i, m in enumerate(prompt, start=1):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise TypeError(f"message {i} is not a {{'role': ..., 'content': ...}} mapping: {m!r}")
+            if not isinstance(m.get("content"), str):
+                raise TypeError(f"message {i} has no text 'content': {m!r}")
         messages = [dict(m) for m in prompt]
     elif isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
@@ -142,49 +187,79 @@ def _render(prompt: Any, tokenizer, cfg: DataConfig) -> str:
     return "\n".join(str(m["content"]) for m in messages)
 
 
-def load_prompts(files: list[str], tokenizer, cfg: DataConfig) -> tuple[list[Prompt], LoadReport]:
-    """Load, render and tokenize every row; skip and report bad ones."""
+def load_prompts(
+    files: list[str], tokenizer, cfg: DataConfig, field: str = "data.train_files"
+) -> tuple[list[Prompt], LoadReport]:
+    """Load, render and tokenize every row; skip and report bad ones.
+
+    Raises ConfigError naming `field` and the file for a file that cannot be read, has no rows, or
+    leaves no usable prompt."""
     report = LoadReport()
     prompts: list[Prompt] = []
     for file in files:
-        for line, row in read_rows(file):
-            where = f"{file}:{line}"
-            if isinstance(row, Exception):
-                report.add_skip(where, f"invalid JSON: {row}")
-                continue
-            try:
-                if cfg.prompt_key or cfg.answer_key:
-                    prompt = _get(row, cfg.prompt_key) if cfg.prompt_key else _detect(row)[0]
-                    answer = str(_get(row, cfg.answer_key)) if cfg.answer_key else _detect(row)[1]
-                else:
-                    prompt, answer = _detect(row)
-            except KeyError as e:
-                report.add_skip(where, f"missing field: {e.args[0]}")
-                continue
-            if answer is None or str(answer).strip() == "" or str(answer) == "None":
-                report.add_skip(where, "missing field: empty ground truth")
-                continue
-            try:
-                text = _render(prompt, tokenizer, cfg)
-            except (TypeError, KeyError) as e:
-                report.add_skip(where, f"bad prompt: {e}")
-                continue
-            if not text.strip():
-                report.add_skip(where, "bad prompt: empty")
-                continue
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > cfg.max_prompt_tokens:
-                report.add_skip(
-                    where, f"prompt too long: {len(ids)} > max_prompt_tokens={cfg.max_prompt_tokens}"
-                )
-                continue
-            prompts.append(Prompt(len(prompts), list(ids), str(answer).strip(), text, where))
+        before, rows = len(prompts), 0
+        try:
+            for line, row in read_rows(file):
+                rows += 1
+                _add_row(prompts, report, f"{file}:{line}", row, tokenizer, cfg)
+        except _Unreadable as e:
+            raise ConfigError(f"{field}: {file} {e}") from None
+        if rows == 0:
+            raise ConfigError(f"{field}: {file} has no rows")
+        if len(prompts) == before:
+            bad = [p for p in report.problems if p.startswith(f"{file}:")]
+            raise ConfigError(
+                f"{field}: {file} has no usable prompt: all {rows} rows were skipped, e.g. {bad[0]}"
+                + ("" if cfg.prompt_key or cfg.answer_key else " (set data.prompt_key / data.answer_key?)")
+            )
     report.kept = len(prompts)
     if report.skipped:
-        log.warning("dataset %s: %s", ",".join(files), report.summary())
+        more = len(report.problems) - len(report.examples)
+        log.warning(
+            "dataset %s: %s\n  %s%s",
+            ",".join(files),
+            report.summary(),
+            "\n  ".join(report.examples),
+            f"\n  ... and {more} more" if more else "",
+        )
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(prompts)
     return prompts, report
+
+
+def _add_row(prompts: list[Prompt], report: LoadReport, where: str, row, tokenizer, cfg: DataConfig) -> None:
+    """Append the prompt of one row, or count and report why the row is skipped."""
+    if isinstance(row, Exception):
+        report.add_skip(where, str(row))
+        return
+    if not isinstance(row, dict):
+        report.add_skip(where, f"not an object: the row is a JSON {type(row).__name__}, expected {{...}}")
+        return
+    try:
+        if cfg.prompt_key or cfg.answer_key:
+            prompt = _get(row, cfg.prompt_key) if cfg.prompt_key else _detect(row)[0]
+            answer = _get(row, cfg.answer_key) if cfg.answer_key else _detect(row)[1]
+        else:
+            prompt, answer = _detect(row)
+    except KeyError as e:
+        report.add_skip(where, f"missing field: {e.args[0]}")
+        return
+    if answer is None or str(answer).strip() in ("", "None"):
+        report.add_skip(where, "missing field: empty ground truth")
+        return
+    try:
+        text = _render(prompt, tokenizer, cfg)
+    except Exception as e:  # a malformed message list or a chat template that rejects the row
+        report.add_skip(where, f"bad prompt: {type(e).__name__}: {e}")
+        return
+    if not text.strip():
+        report.add_skip(where, "bad prompt: empty")
+        return
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > cfg.max_prompt_tokens:
+        report.add_skip(where, f"prompt too long: {len(ids)} > max_prompt_tokens={cfg.max_prompt_tokens}")
+        return
+    prompts.append(Prompt(len(prompts), list(ids), str(answer).strip(), text, where))
 
 
 class PromptSampler:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.algorithms import token_covariance
+from pipeline.algorithms.stats import exact_quantiles
 
 
 @torch.no_grad()
@@ -37,10 +38,20 @@ def covariance_stats(
     if cov.numel() == 0:
         return {}
     out = {"mean": float(cov.mean())}
-    for q in (0.9, 0.99, 0.999):
-        out[f"p{q * 100:g}"] = float(torch.quantile(cov, q))
+    qs = (0.9, 0.99, 0.999)
+    out |= {f"p{q * 100:g}": v for q, v in zip(qs, exact_quantiles(cov, qs), strict=True)}
     out["max"] = float(cov.max())
     return out
+
+
+@torch.no_grad()
+def token_quantiles(x: torch.Tensor, mask: torch.Tensor, qs=(0.1, 0.5, 0.9)) -> dict[str, float]:
+    """Mean and exact quantiles (`p10`, `p50`, ...) of `x` over the valid tokens, at any token count."""
+    v = x[mask.bool()].double()
+    if v.numel() == 0:
+        return {}
+    quantiles = exact_quantiles(v, qs)
+    return {"mean": float(v.mean()), **{f"p{int(q * 100)}": p for q, p in zip(qs, quantiles, strict=True)}}
 
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint, preemption, telemetry
+from pipeline import checkpoint, preemption, preflight, telemetry
 from pipeline.algorithms.controller import measure_entropy
 from pipeline.batching import make_batch, split_rows
-from pipeline.data import PromptSampler, load_prompts
+from pipeline.data import PromptSampler
 from pipeline.filters import fill_batch
 from pipeline.metrics import MetricsLogger
 from pipeline.rewards import compute_rewards, load_reward_fn
@@ -42,21 +42,18 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg):
-        from transformers import AutoTokenizer
-
         from pipeline.algorithms import AdaptiveEntropyController
 
+        inputs = preflight.check(cfg)  # model, tokenizer, layout, prompts: in seconds, before Ray
         self.cfg, t = cfg, cfg.trainer
         self.run_dir = Path(t.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor.model_path)
-        prompts, self.data_report = load_prompts(cfg.data.train_files, self.tokenizer, cfg.data)
-        log.info("train data: %s", self.data_report.summary())
-        self.eval_prompts = load_prompts(cfg.data.eval_files, self.tokenizer, cfg.data)[0][: t.eval_prompts]
-        self.sampler = PromptSampler(prompts, seed=t.seed)
+        self.tokenizer, self.data_report = inputs.tokenizer, inputs.train_report
+        self.eval_prompts = inputs.eval[: t.eval_prompts]
+        self.sampler = PromptSampler(inputs.train, seed=t.seed)
         self.reward_fn = load_reward_fn(cfg.reward.fn)
         self.controller = (
             AdaptiveEntropyController(cfg.entropy_control) if cfg.entropy_control.enabled else None
@@ -275,7 +272,7 @@ class Trainer:
                     [batch["rollout_log_prob"][i][valid[i]].tolist() for i in range(len(valid))],
                     [old["log_prob"][i][valid[i]].tolist() for i in range(len(valid))],
                 ),
-                **{f"entropy/{k}": v for k, v in quantiles(old["entropy"], mask).items()},
+                **{f"entropy/{k}": v for k, v in telemetry.token_quantiles(old["entropy"], mask).items()},
                 "actor/skipped_nonfinite": int(not ok),
                 **timings,
             }
@@ -517,13 +514,6 @@ def timed(timings: dict, name: str):
     t = time.perf_counter()
     yield
     timings[f"time/{name}"] = time.perf_counter() - t
-
-
-def quantiles(x: torch.Tensor, mask: torch.Tensor, qs=(0.1, 0.5, 0.9)) -> dict:
-    v = x[mask.bool()].double()
-    if v.numel() == 0:
-        return {}
-    return {"mean": float(v.mean()), **{f"p{int(q * 100)}": float(torch.quantile(v, q)) for q in qs}}
 
 
 def _mean_metrics(rows: list[dict], prefix: str) -> dict:

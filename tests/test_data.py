@@ -83,3 +83,76 @@ def test_sampler_is_seeded_epochwise_and_resumable(tmp_path, tok):
 def test_config_rejects_unknown_file_types():
     with pytest.raises(ConfigError, match="jsonl or .parquet"):
         DataConfig(train_files=["x.csv"]).validate()
+
+
+# ---------------------------------------------------------------------- every row problem is skipped (issue 16 item 4)
+
+GOOD = {"prompt": "1+1=?", "answer": "2"}
+
+
+def test_non_utf8_lines_scalar_rows_and_malformed_messages_are_skipped_with_file_and_line(tmp_path, tok):
+    path = tmp_path / "mixed.jsonl"
+    lines = [
+        json.dumps(GOOD).encode(),
+        b'{"prompt": "caf\xe9", "answer": "1"}',  # latin-1, not UTF-8
+        b"42",  # a JSON scalar
+        b'"just a string"',
+        b"[1, 2]",
+        json.dumps({"prompt": ["not a message"], "answer": "1"}).encode(),
+        json.dumps({"prompt": [{"role": "user"}], "answer": "1"}).encode(),  # no content
+        json.dumps({"prompt": "3+3=?", "answer": None}).encode(),
+        json.dumps(GOOD).encode(),
+    ]
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # with a byte-order mark
+    prompts, report = load_prompts([str(path)], tok, DataConfig(shuffle=False))
+    assert report.kept == 2 and sum(report.skipped.values()) == 7 == len(report.problems)
+    assert [p.source for p in prompts] == [f"{path}:1", f"{path}:9"]
+    assert f"{path}:2: not UTF-8: byte 0xe9 at column 16" in report.problems
+    assert report.skipped["not an object"] == 3 and f"{path}:3: not an object" in report.problems[1]
+    assert report.skipped["bad prompt"] == 2 and report.skipped["missing field"] == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        (b"", "has no rows"),
+        (b"\n\n", "has no rows"),
+        (b"{not json\n42\n", r"has no usable prompt: all 2 rows were skipped, e\.g\. .*:1: invalid JSON"),
+        (b'{"x": 1}\n', "has no usable prompt.*missing field.*set data.prompt_key"),
+    ],
+)
+def test_a_file_that_gives_no_prompt_is_one_clear_error_naming_the_field_and_file(
+    tmp_path, tok, content, message
+):
+    path = tmp_path / "train.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"^data.eval_files: {path} {message}"):
+        load_prompts([str(path)], tok, DataConfig(), field="data.eval_files")
+
+
+def test_a_file_that_is_not_parquet_or_a_directory_is_one_clear_error(tmp_path, tok):
+    fake = tmp_path / "d.parquet"
+    fake.write_text(json.dumps(GOOD) + "\n")
+    with pytest.raises(
+        ConfigError, match=r"^data.train_files: .*d\.parquet is not a readable parquet file \("
+    ):
+        load_prompts([str(fake)], tok, DataConfig())
+    folder = tmp_path / "dir.jsonl"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="dir.jsonl is not a file"):
+        load_prompts([str(folder)], tok, DataConfig())
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"empty\.jsonl has no rows"):  # one empty file among good ones
+        load_prompts([good, str(tmp_path / "empty.jsonl")], tok, DataConfig())
+
+
+def test_json_array_files_load_like_json_lines(tmp_path, tok):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([GOOD, 7, {"question": "2+2=?", "answer": "#### 4"}], indent=2))
+    prompts, report = load_prompts([str(path)], tok, DataConfig(shuffle=False))
+    assert [p.ground_truth for p in prompts] == ["2", "4"] and report.problems[0].startswith(
+        f"{path}:2: not an"
+    )

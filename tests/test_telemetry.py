@@ -12,6 +12,7 @@ from pipeline.telemetry import (
     entropy_groups,
     fit_entropy_law,
     predicted_entropy_change,
+    token_quantiles,
 )
 
 
@@ -85,3 +86,21 @@ def test_entropy_groups_pick_the_top_fifth_of_valid_tokens():
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     high = entropy_groups(h, mask)
     assert high.tolist() == [[False, True, False, True, False], [False, False, False, False, False]]
+
+
+def test_token_quantiles_are_exact_above_torch_quantiles_limit_of_2_to_the_24():
+    """A 2048 x 8192-token step has 2^24 response tokens: the entropy quantiles must still work.
+
+    The valid tokens hold a permutation of 0 .. n-1, so the q-quantile is q (n - 1) exactly;
+    padding holds huge values that must not count. About 0.5 GB and a few seconds."""
+    n_row = 2**23 + 3
+    mask = torch.ones(2, n_row, dtype=torch.bool)
+    mask[1, -1] = False
+    n = int(mask.sum())
+    assert n > 2**24
+    x = torch.full((2, n_row), 1e30, dtype=torch.float64)
+    x[mask] = torch.randperm(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(x[mask], 0.5)  # the cliff this guards against
+    got = token_quantiles(x, mask)
+    assert got == {"mean": (n - 1) / 2, "p10": 0.1 * (n - 1), "p50": 0.5 * (n - 1), "p90": 0.9 * (n - 1)}

@@ -5,7 +5,9 @@
                                            [--force] [--verify]
 
 Streams one tensor at a time (peak memory about one layer plus the largest tensor; printed at the
-end). The checkpoint stores global shapes, so it loads at any TP/PP (`--tp` sets the vocab padding,
+end). Writes into a temporary sibling of CKPT that replaces it only at the end: a failure or Ctrl-C
+leaves no partial checkpoint, and CKPT may not be, contain or lie inside HF. Bad input (a truncated
+or corrupt file, weights that do not match config.json) is one line naming the file, exit status 2. The checkpoint stores global shapes, so it loads at any TP/PP (`--tp` sets the vocab padding,
 `--tp/--pp` are checked against the model). Only the model is stored (no optimizer state); the
 HF config and tokenizer files are copied to CKPT/hf/ for the way back (convert_megatron_to_hf.py).
 `--verify` then loads the checkpoint into a Megatron model (TP1, this process), compares its logits
@@ -96,25 +98,29 @@ def main() -> None:
             check_layout(ActorConfig(tp=args.tp, pp=args.pp), hf_config, args.tp * args.pp)
         except ConfigError as e:
             raise cv.ConversionError(str(e)) from None
-        cv.HFWeights(args.hf_dir)  # missing/partial shards before touching --out-dir
-        out = cv.prepare_out_dir(args.out_dir, args.force)
+        cv.check_hf(cv.HFWeights(args.hf_dir), hf_config)  # missing/partial shards, names, shapes first
         t0 = time.perf_counter()
-        summary = cv.hf_to_torch_dist(
-            args.hf_dir, out, tp=args.tp, dtype=args.dtype, progress=not args.no_progress
-        )
+        with cv.staged_out_dir(args.out_dir, args.force, {"--hf-dir": args.hf_dir}) as out:
+            summary = cv.hf_to_torch_dist(
+                args.hf_dir, out, tp=args.tp, dtype=args.dtype, progress=not args.no_progress
+            )
+            if args.verify:  # before the output is put in place: a failed check leaves nothing
+                r = verify(args.hf_dir, out, hf_config)
+                print(
+                    f"verify: max |logit HF - Megatron| = {r['max_logit_diff']:.3e} over {r['prompts']} prompts"
+                )
+                bad = r["round_trip_mismatched"]
+                print(
+                    "verify: HF -> Megatron -> HF " + ("bit-exact" if not bad else f"MISMATCH in {bad[:5]}")
+                )
+                if bad:
+                    raise cv.ConversionError(
+                        f"the round trip differs in {len(bad)} tensor(s); nothing written"
+                    )
         print(
-            f"wrote {out}: {summary['tensors']} tensors, dtype {summary['dtype']}, padded vocab "
+            f"wrote {args.out_dir}: {summary['tensors']} tensors, dtype {summary['dtype']}, padded vocab "
             f"{summary['padded_vocab']}, {time.perf_counter() - t0:.1f} s, peak RSS {cv.peak_rss_mb():.0f} MiB"
         )
-        if args.verify:
-            r = verify(args.hf_dir, out, hf_config)
-            print(
-                f"verify: max |logit HF - Megatron| = {r['max_logit_diff']:.3e} over {r['prompts']} prompts"
-            )
-            bad = r["round_trip_mismatched"]
-            print("verify: HF -> Megatron -> HF " + ("bit-exact" if not bad else f"MISMATCH in {bad[:5]}"))
-            if bad:
-                raise SystemExit(1)
 
     cv.cli_errors(run)
 

@@ -9,6 +9,9 @@ tokenizer files, loadable by transformers' AutoModelForCausalLM and by SGLang. R
 time and maps it with the same code as live weight sync (pipeline/actor/export.py). Works on
 checkpoints from convert_hf_to_megatron.py (config and tokenizer in CKPT/hf/) and on the actor's own
 (pass --hf-config-dir with the original HF directory's config.json and tokenizer files).
+Checks first that every .distcp file holds the bytes the checkpoint's index lists, and writes into
+a temporary sibling of HF that replaces it only at the end: a failure leaves no partial model, and
+HF may not be, contain or lie inside the inputs. Bad input is one line naming the file, exit 2.
 """
 
 from __future__ import annotations
@@ -37,11 +40,9 @@ def main() -> None:
     args = p.parse_args()
 
     def run():
-        from pipeline.actor.export import megatron_to_hf_stream
         from pipeline.actor.hf_mapping import get_mapping
 
-        if not (args.ckpt_dir / "metadata.json").exists():
-            raise cv.ConversionError(f"{args.ckpt_dir}: not a torch_dist checkpoint (no metadata.json)")
+        cv.check_torch_dist(args.ckpt_dir)  # metadata readable, no truncated .distcp, before writing
         side = args.hf_config_dir or args.ckpt_dir / cv.HF_SUBDIR
         if not (side / "config.json").exists():
             raise cv.ConversionError(
@@ -49,26 +50,33 @@ def main() -> None:
             )
         hf_config = cv.read_config(side)
         get_mapping(hf_config.get("model_type"))
-        out = cv.prepare_out_dir(args.out_dir, args.force)
+        inputs = {"--ckpt-dir": args.ckpt_dir} | ({"--hf-config-dir": side} if args.hf_config_dir else {})
+        cv.check_out_dir(args.out_dir, args.force, inputs)  # every input checked before megatron loads
+        from pipeline.actor.export import megatron_to_hf_stream
+
         t0 = time.perf_counter()
-        named = megatron_to_hf_stream(
-            cv.read_torch_dist(args.ckpt_dir, hf_config, progress=not args.no_progress), hf_config, te=True
-        )
-        stats = cv.save_hf_shards(
-            named,
-            out,
-            layout=cv.hf_layout(hf_config),
-            dtype=cv.stored_dtype(args.ckpt_dir),
-            shard_bytes=args.shard_size_mb * 1024**2,
-        )
-        cv.copy_hf_side_files(side, out)
-        dtype = str(cv.stored_dtype(args.ckpt_dir)).removeprefix("torch.")
-        config = json.loads((out / "config.json").read_text())
-        config["torch_dtype"] = dtype
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        dtype = cv.stored_dtype(args.ckpt_dir)
+        with cv.staged_out_dir(args.out_dir, args.force, inputs) as out:
+            named = megatron_to_hf_stream(
+                cv.read_torch_dist(args.ckpt_dir, hf_config, progress=not args.no_progress),
+                hf_config,
+                te=True,
+            )
+            stats = cv.save_hf_shards(
+                named,
+                out,
+                layout=cv.hf_layout(hf_config),
+                dtype=dtype,
+                shard_bytes=args.shard_size_mb * 1024**2,
+            )
+            cv.copy_hf_side_files(side, out)
+            config = json.loads((out / "config.json").read_text())
+            config["torch_dtype"] = str(dtype).removeprefix("torch.")
+            (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         print(
-            f"wrote {out}: {stats['tensors']} tensors in {stats['shards']} shard(s), {stats['bytes'] / 2**20:.1f} MiB "
-            f"{dtype}, {time.perf_counter() - t0:.1f} s, peak RSS {cv.peak_rss_mb():.0f} MiB"
+            f"wrote {args.out_dir}: {stats['tensors']} tensors in {stats['shards']} shard(s), "
+            f"{stats['bytes'] / 2**20:.1f} MiB {config['torch_dtype']}, {time.perf_counter() - t0:.1f} s, "
+            f"peak RSS {cv.peak_rss_mb():.0f} MiB"
         )
 
     cv.cli_errors(run)

@@ -30,6 +30,7 @@ if bad:
     sys.exit(f"setup_env: {bad} importable in .venv; they break megatron-core on CPU. Uninstall them.")
 import torch
 assert torch.__version__.startswith("2.13.0") and not torch.version.cuda, torch.__version__
+import triton  # the kernels' CPU tests run through its interpreter (TRITON_INTERPRET=1)
 PY
 # SGLang servers for the rollout tests, in their own venv (.venv/sglang-server; see the script).
 bash tools/setup_sglang.sh

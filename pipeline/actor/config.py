@@ -179,10 +179,14 @@ def check_layout(cfg: ActorConfig, hf_config: dict, world_size: int) -> None:
         )
     stages = cfg.pp * cfg.virtual_stages
     if layers % stages:
-        ok = [d for d in _divisors(layers) if d >= cfg.pp and d % cfg.pp == 0]
+        ok = []
+        for p in (p for p in _divisors(layers) if world_size % (cfg.tp * p) == 0):
+            vpps = [v for v in _divisors(layers // p) if v > 1] if p > 1 else []
+            ok.append(f"pp={p}" + (f" (vpp null or in {vpps})" if vpps else ""))
         raise ConfigError(
             f"actor.pp={cfg.pp} x actor.vpp={cfg.vpp}: num_hidden_layers={layers} must be divisible by "
-            f"pp x vpp = {stages}; pp x vpp in {ok} would work"
+            f"pp x vpp = {stages}; with tp={cfg.tp} on {world_size} ranks these work: "
+            f"{', '.join(ok) or 'none (change trainer.world_size)'}"
         )
     per_chunk = layers // stages
     if cfg.recompute_granularity == "full" and cfg.recompute_num_layers > per_chunk:

@@ -145,12 +145,13 @@ def entropy_shaped_advantages(advantages, entropy, response_mask, alpha: float =
     """A + min(alpha * H.detach(), |A| / kappa) (arXiv 2506.14758, "Reasoning with Exploration").
 
     kappa > 1 keeps sign(A) and |A_shaped - A| <= |A| / kappa; A = 0 gets no bonus. Returns the shaped
-    advantages (no grad) and (bonus, cap_binding) tensors for metrics.
+    advantages (no grad) and (bonus, cap_binding) tensors for metrics: cap_binding marks the tokens
+    whose bonus is the cap |A| / kappa, never an A = 0 token (its cap 0 is no bonus, not a binding cap).
     """
     if kappa <= 1.0 or alpha < 0.0:
         raise ValueError(f"entropy shaping needs alpha >= 0 and kappa > 1; got alpha={alpha}, kappa={kappa}")
     mask = response_mask.bool()
     cap = advantages.abs() / kappa
     bonus = torch.where(mask, torch.minimum(alpha * entropy.detach(), cap), torch.zeros_like(cap))
-    cap_binding = mask & (alpha * entropy.detach() >= cap)
+    cap_binding = mask & (advantages != 0) & (alpha * entropy.detach() >= cap)
     return advantages.detach() + bonus, bonus, cap_binding

@@ -56,7 +56,7 @@ class LossPlan:
     mask        [B, L] bool  valid response tokens
     weight      [B, L]       aggregation weight incl. the global normaliser (entropy bonus, kl_coef term)
     pg_weight   [B, L]       weight of the per-token policy loss (top-entropy selection, Clip-Cov zeros)
-    kl_weight   [B, L]|None  weight of the per-token reference KL (kl_coef * weight + Archer subset means)
+    kl_weight   [B, L]|None  weight of the per-token reference KL (kl_coef * weight + Archer's subset terms)
     advantages  [B, L]|None  entropy-shaped advantages (None: apply_loss uses the advantages passed)
     clip_low/high [B,L]|None per-token clip offsets (Archer; None: cfg.clip_ratio_low/high)
     penalty     [B, L]|None  KL-Cov: beta on selected tokens, 0 elsewhere
@@ -168,7 +168,8 @@ def archer_loss(cfg: LossConfig, plan: LossPlan, log_prob, old_log_prob, advanta
     Per response, tokens with H > nanquantile(H, archer_entropy_quantile) are "high entropy": clip
     offset archer_clip_high_entropy and KL weight archer_kl_coef_high_entropy; the others get
     archer_clip_low_entropy / archer_kl_coef_low_entropy. Dual clip (clip_ratio_c) for all A < 0.
-    Each KL term is a mean over its own subset (`plan.kl_weight`, built in `_prepare_archer`).
+    Each KL term is aggregated over its own subset with loss_agg_mode (token-mean: the subset's mean;
+    `plan.kl_weight`, built in `_prepare_archer`), as the reference's `agg_loss(kld, subset, mode)`.
     """
     return ppo_clip_per_token(
         log_prob, old_log_prob, advantages, plan.clip_low, plan.clip_high, cfg.clip_ratio_c
@@ -200,6 +201,8 @@ class _Ctx:
     step: int
     group: object
     n_tokens: float
+    n_seqs: float
+    length_const: float
 
 
 @torch.no_grad()
@@ -276,17 +279,18 @@ def _prepare_archer(ctx: _Ctx):
     dt = ctx.log_prob.dtype
     eps_high = torch.tensor(cfg.archer_clip_high_entropy, dtype=dt)
     eps = torch.where(high, eps_high, torch.tensor(cfg.archer_clip_low_entropy, dtype=dt))
+    # each KL term is agg(KL, subset, loss_agg_mode) as in the reference (`agg_loss(kld, subset_mask,
+    # loss_agg_mode)`): token-mean divides by the subset's size, the seq-mean modes by the batch's B
     n_low, n_high = all_reduce_sums([low.sum(), high.sum()], ctx.group)
     kl_weight = torch.zeros_like(ctx.log_prob)
-    if cfg.archer_kl_coef_low_entropy and n_low:
-        kl_weight = kl_weight + low.to(dt) * (cfg.archer_kl_coef_low_entropy / n_low)
-    if cfg.archer_kl_coef_high_entropy and n_high:
-        kl_weight = kl_weight + high.to(dt) * (cfg.archer_kl_coef_high_entropy / n_high)
-    sums = {"archer/n_low": low.sum(), "archer/n_high": high.sum()}
-    if ctx.ref_log_prob is not None:
-        kl = kl_estimate(cfg.kl_estimator, ctx.log_prob, ctx.ref_log_prob)
-        sums["archer/low_kl_sum"] = torch.where(low, kl, 0).sum()
-        sums["archer/high_kl_sum"] = torch.where(high, kl, 0).sum()
+    sums = {"archer/n_high": high.sum()}
+    kl = None if ctx.ref_log_prob is None else kl_estimate(cfg.kl_estimator, ctx.log_prob, ctx.ref_log_prob)
+    for name, part, n, coef in (("low", low, n_low, cfg.archer_kl_coef_low_entropy),
+                                ("high", high, n_high, cfg.archer_kl_coef_high_entropy)):  # fmt: skip
+        w = aggregation_weights(cfg.loss_agg_mode, part, max(n, 1.0), ctx.n_seqs, ctx.length_const, dt)
+        kl_weight = kl_weight + coef * w
+        if kl is not None:
+            sums[f"archer/{name}_entropy_kl"] = (w * kl).sum()
     return {"clip_low": eps, "clip_high": eps, "archer_kl_weight": kl_weight}, sums
 
 
@@ -315,7 +319,11 @@ def aggregation_weights(mode: str, mask: Tensor, n_tokens: float, n_seqs: float,
     token-mean              m / N                 (N = valid tokens of the mini-batch, all ranks)
     seq-mean-token-mean     m / (|o_i| * B)       (B = non-empty responses of the mini-batch, as verl)
     seq-mean-token-sum      m / B
-    seq-mean-token-sum-norm m / L_const           (Dr.GRPO; not divided by B, as verl)
+    seq-mean-token-sum-norm m / (L_const * B)     (Dr.GRPO: 1/G over responses kept; verl PR #5417)
+
+    `mask` may be a subset of the response tokens (top-entropy selection, Archer's KL subsets): then
+    N and |o_i| count the subset, while B stays the batch's responses, as the reference's
+    `agg_loss(loss, subset_mask, mode)` does (`torch.mean` over all rows).
     """
     mf = mask.to(dtype)
     if mode == "token-mean":
@@ -326,7 +334,7 @@ def aggregation_weights(mode: str, mask: Tensor, n_tokens: float, n_seqs: float,
     if mode == "seq-mean-token-sum":
         return mf / n_seqs
     if mode == "seq-mean-token-sum-norm":
-        return mf / length_const
+        return mf / (length_const * n_seqs)
     raise ValueError(f"unknown loss_agg_mode {mode!r}; expected one of {list(LOSS_AGG_MODES)}")
 
 
@@ -452,10 +460,11 @@ def prepare_loss(
         shaped, bonus, cap = entropy_shaped_advantages(
             adv, ent, mask, cfg.adv_shaping_alpha, cfg.adv_shaping_kappa
         )
+        sums |= {"adv_shaping/bonus_sum": bonus.sum(), "adv_shaping/cap_binding": cap.sum(),
+                 "adv_shaping/nonzero_adv": (mask & (adv != 0)).sum()}  # fmt: skip
         adv = shaped
-        sums |= {"adv_shaping/bonus_sum": bonus.sum(), "adv_shaping/cap_binding": cap.sum()}
 
-    ctx = _Ctx(cfg, lp, old, adv, mask, ent, ref, sample_ids, step, group, n_tok)
+    ctx = _Ctx(cfg, lp, old, adv, mask, ent, ref, sample_ids, step, group, n_tok, n_seq, length_const)
     fields, method_sums = method.prepare(ctx) if method.prepare else ({}, {})
     sums |= method_sums
 
@@ -472,9 +481,7 @@ def prepare_loss(
         if cfg.global_stats:  # paper / TRL: normaliser over all tokens
             pg_weight = weight * sel
         else:  # official 80/20 repo: the selected tokens are the aggregation mask of the call
-            n_sel = float(sel.sum())
-            n_sel_seq = float((sel.sum(-1) > 0).sum())
-            pg_weight = aggregation_weights(cfg.loss_agg_mode, sel, n_sel, n_sel_seq, length_const, dt)
+            pg_weight = aggregation_weights(cfg.loss_agg_mode, sel, float(sel.sum()), n_seq, length_const, dt)
         sums |= {"top_entropy/selected": sel.sum(), "top_entropy/entropy_sum": torch.where(sel, ent, 0).sum()}
     if "keep" in fields:
         pg_weight = pg_weight * fields.pop("keep")
@@ -545,15 +552,13 @@ def _finish_metrics(cfg: LossConfig, v: dict[str, float], n_tok: float, n_seq: f
         sel = v["top_entropy/selected"]
         out["top_entropy/selected_frac"] = sel / n_tok
         out["top_entropy/entropy_selected_mean"] = v.pop("top_entropy/entropy_sum") / max(sel, 1.0)
-    if "archer/n_low" in v:
-        n_low, n_high = v.pop("archer/n_low"), v.pop("archer/n_high")
-        out["archer/high_frac"] = n_high / n_tok
-        if "archer/low_kl_sum" in v:
-            out["archer/low_entropy_kl"] = v.pop("archer/low_kl_sum") / max(n_low, 1.0)
-            out["archer/high_entropy_kl"] = v.pop("archer/high_kl_sum") / max(n_high, 1.0)
+    if "archer/n_high" in v:
+        out["archer/high_frac"] = v.pop("archer/n_high") / n_tok
     if "adv_shaping/bonus_sum" in v:
         out["adv_shaping/bonus_mean"] = v.pop("adv_shaping/bonus_sum") / n_tok
-        out["adv_shaping/cap_binding_frac"] = v.pop("adv_shaping/cap_binding") / n_tok
+        # of the tokens that can get a bonus (A != 0), the share whose bonus is the cap |A| / kappa
+        nonzero = max(v.pop("adv_shaping/nonzero_adv"), 1.0)
+        out["adv_shaping/cap_binding_frac"] = v.pop("adv_shaping/cap_binding") / nonzero
     for name in ("high", "low"):
         if f"by_entropy/{name}_n" in v:
             n = max(v.pop(f"by_entropy/{name}_n"), 1.0)

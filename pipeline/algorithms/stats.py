@@ -10,9 +10,14 @@ whole mini-batch, never on how rows are spread over ranks or micro-batches.
   key, which must be unique), found by bisection: 64 scalar all-reduces per stage, no gather.
 * `splitmix64` / `token_hash` - a counter-based hash with int64 torch ops: a uniform key per
   (seed, step, sample_id, position), bijective in (sample_id, position) for a fixed (seed, step).
+* `exact_quantiles` - `torch.quantile`'s linear interpolation at any size (it refuses inputs above
+  2^24 elements, exactly what a 2048 x 8192-token step produces).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -139,3 +144,31 @@ def token_hash(sample_ids: torch.Tensor, length: int, seed: int, step: int) -> t
     salt = splitmix64_int(splitmix64_int(seed & (2**64 - 1)) ^ (step & (2**64 - 1)))
     salt = salt - 2**64 if salt >= 2**63 else salt
     return splitmix64(token_ids(sample_ids, length) ^ salt)
+
+
+@torch.no_grad()
+def exact_quantiles(values: torch.Tensor, qs: Sequence[float]) -> list[float]:
+    """The q-quantiles of all elements of `values` with linear interpolation, as `torch.quantile`
+    (NaN if any element is NaN), at any size: two `torch.kthvalue` selections per q (O(n) each)
+    instead of `torch.quantile`'s sort, which refuses more than 2^24 elements. The position
+    q (n - 1) is taken in float64 (`torch.quantile` uses the input's dtype): equal for float64
+    inputs, within an ulp for float32 ones, and exact ranks where float32 could not count."""
+    x = values.detach().reshape(-1)
+    n = x.numel()
+    if n == 0:
+        raise ValueError("exact_quantiles: no values")
+    if not all(0.0 <= q <= 1.0 for q in qs):
+        raise ValueError(f"exact_quantiles: every q must be in [0, 1], got {list(qs)}")
+    if bool(torch.isnan(x).any()):
+        return [float("nan")] * len(qs)
+    out = []
+    for q in qs:
+        pos = q * (n - 1)
+        lo = math.floor(pos)
+        v_lo = torch.kthvalue(x, lo + 1).values
+        if pos == lo:
+            out.append(float(v_lo))
+            continue
+        v_hi = torch.kthvalue(x, lo + 2).values
+        out.append(float(torch.lerp(v_lo, v_hi, torch.tensor(pos - lo, dtype=v_lo.dtype))))
+    return out

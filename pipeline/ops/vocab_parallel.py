@@ -17,8 +17,12 @@ the saved per-token ``lse`` and ``mu`` each rank recomputes ``p`` on its shard a
 
     d x_j = g_logp * ([j == y] - p_j) - g_H * p_j * (x_j - mu),     d z_j = d x_j / T
 
-in the input dtype. Saved for backward: three fp32 scalars and a flag per token (plus references to the inputs).
-Work is chunked over tokens so that no fp32 copy of a whole bf16 shard is ever made.
+in the input dtype. Saved for backward: three fp32 scalars per token (plus references to the inputs).
+
+Two implementations of the two passes over the shard (``impl``), sharing everything else (the
+collectives, the O(tokens) finish, the saved statistics): chunked torch ops here (any device; chunks
+of tokens so that no fp32 copy of a whole bf16 shard is ever made), and one-pass Triton kernels in
+``vocab_parallel_triton`` (CUDA; on CPU through Triton's interpreter, for tests).
 
 Entropy influence. For a softmax policy whose logits are the parameters, one plain policy-gradient
 step on the sampled token y with advantage A and step size eta moves the logits by
@@ -36,14 +40,19 @@ without gradient (a telemetry quantity).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-# Elements of one fp32 working chunk (rows x V_local). Chunks that stay in the CPU's cache make the
-# several elementwise passes cheap; on GPUs the fused kernel (a later issue) replaces this path.
-_CHUNK_ELEMENTS = 1 << 17
+IMPLS = ("auto", "torch", "triton")
+
+# Shifted logits are clamped here: exp() of it is exactly 0 in fp32 and fp64, like exp(-inf), but
+# e * x is then 0 instead of NaN, and g * x stays finite for any upstream gradient |g| < 2^64. No
+# finite logit that far below the row max has a representable probability, so nothing else changes.
+_FLOOR = -(2.0**64)
 
 
 class LogProbEntropy(NamedTuple):
@@ -58,12 +67,27 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def default_chunk_elements(device: torch.device, n_rows: int, v_local: int) -> int:
+    """Elements of one fp32 working chunk (rows x V_local) of the torch path, by device and shape.
+
+    CPU: 2^17 elements (512 KiB): the chunk's several elementwise passes stay in a 1 MiB L2; 2^19
+    falls off a cliff there (docs/benchmarks.md, finding 5). GPU: each chunk costs ~12 kernel launches,
+    so a chunk must be large enough for its kernels to run longer than their launch (>= 2^20
+    elements), at most 2^24 (64 MiB fp32; nothing gained beyond), and at most an eighth of the shard so
+    that the ~3 fp32 working buffers stay below one bf16 gradient buffer (1.5 vs 2 bytes per element).
+    """
+    if device.type == "cpu":
+        return 1 << 17
+    return max(1 << 20, min(1 << 24, n_rows * v_local // 8))
+
+
 def _rows_per_chunk(n_rows: int, v_local: int, chunk_elements: int) -> int:
     return max(1, min(n_rows, chunk_elements // max(v_local, 1)))
 
 
 def _shifted_chunk(logits, lo, hi, n_valid, inv_temp, shift, cdt):
-    """(z - shift) / T for rows [lo, hi) of the valid columns, in the compute dtype, as a new buffer.
+    """(z - shift) / T for rows [lo, hi) of the valid columns, in the compute dtype, as a new buffer,
+    with -inf (masked) logits at `_FLOOR`.
 
     Shifting before scaling keeps the difference of two large logits exact (Sterbenz), so a row at
     +1e4 loses nothing to the rounding of z / T.
@@ -72,7 +96,7 @@ def _shifted_chunk(logits, lo, hi, n_valid, inv_temp, shift, cdt):
     x = torch.sub(z, shift[:, None]) if z.dtype == cdt else z.to(cdt).sub_(shift[:, None])
     if inv_temp != 1.0:
         x.mul_(inv_temp)
-    return x
+    return x.clamp_(min=_FLOOR)
 
 
 def _dot_rows(a, b):
@@ -87,13 +111,13 @@ def _dot_rows(a, b):
 
 
 def _local_moments(logits, local_target, n_valid, inv_temp, want_influence, chunk_elements):
-    """One pass over this rank's valid columns: local max and shifted moments per token.
+    """One pass over this rank's valid columns: local max and shifted moments per token (torch path).
 
-    Returns (m [N] raw max logit, moments [N, k], neg_inf_rows [N] bool) with moments =
-    (s0, s1, z_y[, s2, s3]) for x = (z - m) / T: s0 = sum e, s1 = sum e x, s2 = sum e^2,
+    Returns (m [N] raw max logit, moments [N, k]) with moments = (s0, s1, z_y[, s2, s3]) for
+    x = (z - m) / T (m where finite, else 0): s0 = sum e, s1 = sum e x, s2 = sum e^2,
     s3 = sum e^2 x (e = exp x); z_y is the raw target logit if it lies in this shard, else 0.
-    Rows where this shard has no finite logit get m = -inf and zero moments. neg_inf_rows marks
-    rows with -inf logits here (the backward must avoid 0 * inf on them too).
+    Rows where this shard has no finite logit get m = -inf and zero moments. No host
+    synchronisation: the loop's bounds depend only on shapes.
     """
     n = logits.shape[0]
     cdt = _compute_dtype(logits.dtype)
@@ -101,9 +125,8 @@ def _local_moments(logits, local_target, n_valid, inv_temp, want_influence, chun
     dev = logits.device
     m = torch.full((n,), float("-inf"), dtype=cdt, device=dev)
     mom = torch.zeros((n, k), dtype=cdt, device=dev)
-    neg_inf_rows = torch.zeros(n, dtype=torch.bool, device=dev)
     if n_valid == 0 or n == 0:
-        return m, mom, neg_inf_rows
+        return m, mom
     in_shard = (local_target >= 0) & (local_target < n_valid)
     safe_t = torch.where(in_shard, local_target, torch.zeros_like(local_target))
     zy = logits.gather(1, safe_t[:, None]).squeeze(1).to(cdt)
@@ -117,22 +140,13 @@ def _local_moments(logits, local_target, n_valid, inv_temp, want_influence, chun
         x = _shifted_chunk(logits, lo, hi, n_valid, inv_temp, shift, cdt)  # <= 0
         e = torch.exp(x)
         mom[lo:hi, 0] = e.sum(dim=1)
-        mom[lo:hi, 1] = _dot_rows(e, x)  # NaN exactly where a -inf logit gave 0 * -inf
+        mom[lo:hi, 1] = _dot_rows(e, x)
         if want_influence:
             e2 = e.square_()
             mom[lo:hi, 3] = e2.sum(dim=1)
             mom[lo:hi, 4] = _dot_rows(e2, x)
-        bad = torch.isnan(mom[lo:hi, 1]).nonzero().squeeze(1)
-        if bad.numel():  # rare: redo those rows with the -inf terms as the exact zeros they are
-            xb = x[bad]
-            eb = torch.exp(xb)
-            xb = xb.masked_fill(torch.isneginf(xb), 0.0)
-            mom[lo + bad, 1] = _dot_rows(eb, xb)
-            if want_influence:
-                mom[lo + bad, 4] = _dot_rows(eb * eb, xb)
-            neg_inf_rows[lo + bad] = True
         del x, e
-    return m, mom, neg_inf_rows
+    return m, mom
 
 
 def _merge(m, mom, inv_temp, tp_group):
@@ -157,11 +171,44 @@ def _merge(m, mom, inv_temp, tp_group):
     return m_global, out
 
 
-def _backward_into(grad, logits, local_target, n_valid, inv_temp, stats, neg_inf_rows, g_logp, g_ent, chunk):
-    """Write d(loss)/d(logits) of this shard into `grad` (input dtype), chunk by chunk, no collectives.
+def _finish(m_global, s, inv_temp, want_influence):
+    """Per-token outputs from the merged sums, and the statistics the backward needs.
 
-    With t = (z - M) / T, p = exp(t - log S0), E_p[t] = ms, and g' = g / T:
-        d z_j = g'_logp [j == y] + p_j * (g'_H * (ms - t_j) - g'_logp).
+    A row whose every valid logit is -inf (on all ranks) has no distribution: its log-prob, entropy
+    and influence are NaN, and its gradient is zero (every logit is -inf, and -inf logits get none).
+    Its statistics are set so that both backward paths compute p = 0 there without a branch.
+    """
+    s0 = s[:, 0]
+    dead = s0 == 0
+    log_s0 = torch.log(s0)
+    mean_shift = s[:, 1] / s0  # E_p[x] - M / T
+    ent = log_s0 - mean_shift
+    logp = (s[:, 2] - m_global) * inv_temp - log_s0
+    infl = None
+    if want_influence:
+        s0_sq = s0 * s0
+        sum_p2 = s[:, 3] / s0_sq
+        sum_p2_logp = (s[:, 4] - s[:, 3] * log_s0) / s0_sq
+        infl = (torch.exp(logp) * (logp + ent) - sum_p2_logp - ent * sum_p2).masked_fill(dead, float("nan"))
+    stats = torch.stack(
+        [
+            m_global.masked_fill(dead, 0.0),
+            mean_shift.masked_fill(dead, 0.0),
+            log_s0.masked_fill(dead, float("inf")),
+        ],
+        1,
+    )
+    nan = float("nan")
+    return logp.masked_fill(dead, nan), ent.masked_fill(dead, nan), infl, stats
+
+
+def _backward_into(grad, logits, local_target, n_valid, inv_temp, stats, gl, gh, chunk):
+    """Write d(loss)/d(logits) of this shard into `grad` (input dtype), chunk by chunk (torch path).
+
+    With t = (z - M) / T, p = exp(t - log S0), E_p[t] = ms, and g = upstream / T (zero on rows
+    without a distribution):
+        d z_j = g_logp [j == y] + p_j * (g_H * (ms - t_j) - g_logp).
+    No collectives and no host synchronisation.
     """
     n = logits.shape[0]
     if n_valid < grad.shape[1]:
@@ -170,11 +217,12 @@ def _backward_into(grad, logits, local_target, n_valid, inv_temp, stats, neg_inf
         return
     m_global, mean_shift, log_s0 = stats.unbind(1)
     cdt = stats.dtype
-    gl = (g_logp * inv_temp) if g_logp is not None else None
-    gh = (g_ent * inv_temp) if g_ent is not None else None
     if gh is not None:
         bias = gh * mean_shift - (gl if gl is not None else 0.0)  # p * (bias - gh * t)
-    in_shard = (local_target >= 0) & (local_target < n_valid)
+    if gl is not None:
+        in_shard = (local_target >= 0) & (local_target < n_valid)
+        safe_t = torch.where(in_shard, local_target, torch.zeros_like(local_target))[:, None]
+        gl_hit = torch.where(in_shard, gl, torch.zeros_like(gl))[:, None]
     direct = grad.dtype == cdt  # fp32/fp64 input: build the result in the gradient buffer itself
     rows = _rows_per_chunk(n, n_valid, chunk)
     for lo in range(0, n, rows):
@@ -187,64 +235,90 @@ def _backward_into(grad, logits, local_target, n_valid, inv_temp, stats, neg_inf
             c = log_s0[lo:hi, None]
             p = torch.sub(t, c, out=g_out) if direct else torch.sub(t, c)
             p.exp_()
-            t.mul_(-gh[lo:hi, None]).add_(bias[lo:hi, None])
-            if neg_inf_rows[lo:hi].any():  # p = 0 where z = -inf; avoid 0 * inf
-                t.masked_fill_(torch.isneginf(logits[lo:hi, :n_valid]), 0.0)
-            p.mul_(t)
+            p.mul_(t.mul_(-gh[lo:hi, None]).add_(bias[lo:hi, None]))
         del t
         if gl is not None:
-            r = in_shard[lo:hi].nonzero().squeeze(1)
-            if r.numel():
-                p[r, local_target[lo:hi][r]] += gl[lo:hi][r]
+            p.scatter_add_(1, safe_t[lo:hi], gl_hit[lo:hi])
         if p.data_ptr() != g_out.data_ptr():
             g_out.copy_(p)
         del p
 
 
+@functools.cache
+def _triton_kernels():
+    """The Triton module, or None when Triton is not installed (imported once, on first use)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from pipeline.ops import vocab_parallel_triton
+
+    return vocab_parallel_triton
+
+
+def _use_triton(impl: str, logits: torch.Tensor) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"vocab_parallel_logprob_entropy: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    kernels = _triton_kernels() if (impl == "triton" or logits.is_cuda) else None
+    if impl == "auto":
+        return kernels is not None and logits.is_cuda
+    if kernels is None:
+        raise RuntimeError(
+            "vocab_parallel_logprob_entropy: impl='triton' but Triton is not installed "
+            "(pip install -c constraints.txt triton), or use impl='torch'"
+        )
+    if not logits.is_cuda and not kernels.INTERPRETED:
+        raise ValueError(
+            f"vocab_parallel_logprob_entropy: impl='triton' needs CUDA tensors, got {logits.device}; "
+            "on CPU set TRITON_INTERPRET=1 before Triton is first imported (its interpreter: correct "
+            "but slow, for tests), or use impl='torch'"
+        )
+    return True
+
+
 class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, tp_group, vocab_start, n_valid, inv_temp, want_ent, want_inf, chunk):
+    def forward(
+        ctx, logits, target, tp_group, vocab_start, n_valid, inv_temp, want_ent, want_inf, chunk, triton
+    ):
         local_target = target - vocab_start
-        m, mom, neg_inf_rows = _local_moments(logits, local_target, n_valid, inv_temp, want_inf, chunk)
+        cdt = _compute_dtype(logits.dtype)
+        if triton:
+            m, mom = _triton_kernels().local_moments(logits, local_target, n_valid, inv_temp, want_inf, cdt)
+        else:
+            m, mom = _local_moments(logits, local_target, n_valid, inv_temp, want_inf, chunk)
         m_global, s = _merge(m, mom, inv_temp, tp_group)
-        s0 = s[:, 0]
-        log_s0 = torch.log(s0)
-        mean_shift = s[:, 1] / s0  # E_p[x] - M / T
-        ent = log_s0 - mean_shift
-        logp = (s[:, 2] - m_global) * inv_temp - log_s0
-        infl = None
-        if want_inf:
-            s0_sq = s0 * s0
-            sum_p2 = s[:, 3] / s0_sq
-            sum_p2_logp = (s[:, 4] - s[:, 3] * log_s0) / s0_sq
-            infl = torch.exp(logp) * (logp + ent) - sum_p2_logp - ent * sum_p2
+        logp, ent, infl, stats = _finish(m_global, s, inv_temp, want_inf)
+        if infl is not None:
             ctx.mark_non_differentiable(infl)
-        stats = torch.stack([m_global, mean_shift, log_s0], 1)
-        ctx.save_for_backward(logits, target, stats, neg_inf_rows)
-        ctx.vocab_start, ctx.n_valid, ctx.inv_temp, ctx.chunk = vocab_start, n_valid, inv_temp, chunk
+        ctx.save_for_backward(logits, target, stats)  # 12 bytes per token beyond the inputs
+        ctx.vocab_start, ctx.n_valid, ctx.inv_temp = vocab_start, n_valid, inv_temp
+        ctx.chunk, ctx.triton = chunk, triton
         ctx.set_materialize_grads(False)  # an unused output costs nothing in backward
         return logp, (ent if want_ent else None), infl
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_inf):
         if g_logp is None and g_ent is None:
-            return (None,) * 9
-        logits, target, stats, neg_inf_rows = ctx.saved_tensors
+            return (None,) * 10
+        logits, target, stats = ctx.saved_tensors
         local_target = target - ctx.vocab_start
+        has_dist = stats[:, 2] != float("inf")  # rows with a distribution (see _finish)
+
+        def upstream(g):  # d/dx = d/dz * T: fold 1/T into the per-token gradients once
+            if g is None:
+                return None
+            return torch.where(has_dist, g.to(stats.dtype) * ctx.inv_temp, 0.0).contiguous()
+
+        gl, gh = upstream(g_logp), upstream(g_ent)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        _backward_into(
-            grad,
-            logits,
-            local_target,
-            ctx.n_valid,
-            ctx.inv_temp,
-            stats,
-            neg_inf_rows,
-            g_logp.to(stats.dtype) if g_logp is not None else None,
-            g_ent.to(stats.dtype) if g_ent is not None else None,
-            ctx.chunk,
-        )
-        return grad, None, None, None, None, None, None, None, None
+        if ctx.triton:
+            _triton_kernels().backward_into(
+                grad, logits, local_target, ctx.n_valid, ctx.inv_temp, stats, gl, gh
+            )
+        else:
+            _backward_into(grad, logits, local_target, ctx.n_valid, ctx.inv_temp, stats, gl, gh, ctx.chunk)
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(logits, target, tp_size, valid_vocab_size, temperature):
@@ -275,7 +349,7 @@ def _check_inputs(logits, target, tp_size, valid_vocab_size, temperature):
     if not (temperature > 0.0):
         raise ValueError(f"vocab_parallel_logprob_entropy: temperature must be > 0, got {temperature}")
     if target.numel():
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = torch.stack([target.min(), target.max()]).tolist()  # the call's one host sync
         if lo < 0 or hi >= valid:
             bad = lo if lo < 0 else hi
             raise ValueError(
@@ -294,7 +368,8 @@ def vocab_parallel_logprob_entropy(
     valid_vocab_size: int | None = None,
     entropy: bool = True,
     influence: bool = False,
-    chunk_elements: int = _CHUNK_ELEMENTS,
+    impl: str = "auto",
+    chunk_elements: int | None = None,
 ) -> LogProbEntropy:
     """Log-prob of `target`, full-vocabulary entropy and entropy influence, on vocab-sharded logits.
 
@@ -306,26 +381,34 @@ def vocab_parallel_logprob_entropy(
         temperature: logits are divided by it first (use the rollout temperature).
         valid_vocab_size: ids ``>= valid_vocab_size`` are vocab padding and take no probability mass.
         entropy / influence: which extra outputs to compute.
-        chunk_elements: size of the fp32 working chunk (tokens x V_local), a memory/speed knob.
+        impl: ``"auto"`` (the Triton kernels for CUDA tensors when Triton is installed, else torch),
+            ``"torch"`` (chunked torch ops, any device) or ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``). Same results to fp32 rounding, same collectives.
+        chunk_elements: the torch path's fp32 working chunk (tokens x V_local); None = by device and
+            shape (``default_chunk_elements``). A memory/speed knob; the Triton path has no chunks.
 
     Returns:
         ``LogProbEntropy(logprob, entropy, influence)``: float32 tensors shaped like ``target``
         (float64 for float64 logits). ``logprob`` and ``entropy`` are differentiable w.r.t.
         ``logits`` (``dH/dz = -p (log p + H) / T``); ``influence`` is not (see the module docstring).
+        A token whose every valid logit is -inf gets NaN outputs and a zero gradient.
 
     Communication: two forward collectives over ``tp_group`` (MAX, then one packed SUM), none in
-    backward. Saved for backward: 13 bytes per token (max, E_p[x], log-sum-exp shift, a -inf flag)
-    beyond references to the inputs.
+    backward. Saved for backward: 12 bytes per token (max, E_p[x], log-sum-exp) beyond references to
+    the inputs. Host synchronisation: one per call (the range check of the target ids), none per chunk.
     """
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     valid = _check_inputs(logits, target, tp_size, valid_vocab_size, temperature)
+    triton = _use_triton(impl, logits)
     shape = target.shape
     v_local = logits.shape[-1]
     flat_logits = logits.reshape(-1, v_local)
     flat_target = target.reshape(-1).long()
     vocab_start = tp_rank * v_local
     n_valid = max(0, min(v_local, valid - vocab_start))
+    if chunk_elements is None:
+        chunk_elements = default_chunk_elements(logits.device, flat_logits.shape[0], v_local)
     logp, ent, infl = _VocabParallelLogProbEntropy.apply(
         flat_logits,
         flat_target,
@@ -336,6 +419,7 @@ def vocab_parallel_logprob_entropy(
         bool(entropy),
         bool(influence),
         int(chunk_elements),
+        triton,
     )
     return LogProbEntropy(
         logp.view(shape),

@@ -22,7 +22,11 @@ def test_valid_layout_passes():
     [
         (dict(tp=4), 4, r"actor\.tp=4: .*num_key_value_heads=2.*tp in \[1, 2\]"),
         (dict(pp=5), 5, r"actor\.pp=5 .*num_hidden_layers=24.*divisible by pp x vpp = 5"),
-        (dict(pp=2, vpp=5), 2, r"pp x vpp = 10; pp x vpp in \[2, 4, 6, 8, 12, 24\]"),
+        (
+            dict(pp=2, vpp=5),
+            2,
+            r"pp x vpp = 10; with tp=1 on 2 ranks these work: pp=1, pp=2 \(vpp null or in \[2, 3, 4, 6, 12\]\)$",
+        ),
         (dict(tp=2, pp=2), 6, r"does not divide the world size 6; layouts that would work: \['tp=1,pp=1'"),
     ],
 )
@@ -36,6 +40,24 @@ def test_full_recompute_of_more_layers_than_a_chunk_has_is_refused():
     with pytest.raises(ConfigError, match=r"recompute_num_layers=5: at most the 4 layers of one model chunk"):
         check_layout(cfg, QWEN, world_size=2)
     check_layout(ActorConfig(pp=2, vpp=3, recompute_granularity="full", recompute_num_layers=4), QWEN, 2)
+
+
+@pytest.mark.parametrize(
+    "tp, world, works",
+    [
+        (2, 2, "pp=1$"),
+        (2, 6, "pp=1, pp=3$"),
+        (1, 6, "pp=1, pp=3$"),
+        (4, 6, "none \\(change trainer.world_size\\)"),
+    ],
+)
+def test_pp_hint_on_a_three_layer_model_lists_layouts_that_work(tp, world, works):
+    """The demo model has 3 layers: pp=2 used to say "pp x vpp in [] would work"."""
+    tiny = {"model_type": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 3}
+    with pytest.raises(
+        ConfigError, match=f"num_hidden_layers=3 must be divisible by pp x vpp = 2; .*: {works}"
+    ):
+        check_layout(ActorConfig(tp=tp, pp=2), tiny, world_size=world)
 
 
 def test_unsupported_architecture_lists_the_supported_ones():

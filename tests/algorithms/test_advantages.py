@@ -101,7 +101,7 @@ def test_entropy_shaping_worked_numbers_and_sign_preservation():
     H = torch.tensor([0.5, 3.0, 0.5, 3.0, 2.0], dtype=D, requires_grad=True)
     shaped, bonus, cap = entropy_shaped_advantages(A, H, torch.ones(5))
     assert shaped.tolist() == pytest.approx([1.2, 1.5, -0.8, -0.5, 0.0])
-    assert not shaped.requires_grad and cap.tolist() == [False, True, False, True, True]
+    assert not shaped.requires_grad and cap.tolist() == [False, True, False, True, False]  # A = 0: no cap
     A = torch.randn(1000, dtype=D)
     shaped, _, _ = entropy_shaped_advantages(A, torch.rand(1000, dtype=D) * 10, torch.ones(1000), 0.4, 1.5)
     assert torch.all(torch.sign(shaped) == torch.sign(A)) and torch.all(

@@ -20,8 +20,8 @@ LP = torch.zeros(2, 4, dtype=D)
         ("token-mean", None, 2 / 6),
         ("seq-mean-token-mean", None, (1 + 0) / 2),
         ("seq-mean-token-sum", None, (2 + 0) / 2),
-        ("seq-mean-token-sum-norm", None, 2 / 4),  # padded length L = 4
-        ("seq-mean-token-sum-norm", 8.0, 2 / 8),  # Dr.GRPO constant, not divided by B
+        ("seq-mean-token-sum-norm", None, (2 + 0) / 2 / 4),  # padded length L = 4, B = 2
+        ("seq-mean-token-sum-norm", 8.0, (2 + 0) / 2 / 8),  # Dr.GRPO constant, then 1/B (verl PR #5417)
     ],
 )
 def test_aggregation_modes_match_hand_computed_values(mode, scale, want):
@@ -34,6 +34,17 @@ def test_seq_mean_counts_only_non_empty_responses():
     adv, lp = torch.cat([ADV, torch.zeros(1, 4, dtype=D)]), torch.zeros(3, 4, dtype=D)
     loss, m = policy_loss(LossConfig(loss_agg_mode="seq-mean-token-mean"), lp, lp, adv, mask)
     assert loss.item() == pytest.approx(0.5) and m["n_seqs"] == 2
+
+
+def test_seq_mean_token_sum_norm_does_not_grow_with_the_number_of_responses():
+    """Dr.GRPO keeps 1/G over responses: B copies of a batch give the loss (and gradient) of one copy."""
+    cfg = LossConfig(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=8.0)
+    one, _ = policy_loss(cfg, LP, LP, ADV, MASK)
+    copies = [t.repeat(5, 1) for t in (LP, ADV, MASK)]
+    five, _ = policy_loss(cfg, copies[0], copies[0], copies[1], copies[2])
+    assert five.item() == pytest.approx(one.item(), abs=1e-15)
+    plan = prepare_loss(cfg, LP, LP, ADV, MASK)
+    torch.testing.assert_close(plan.weight, MASK.to(D) / (8.0 * 2))
 
 
 def test_seq_mean_token_mean_weights_are_one_over_length_times_b():

@@ -257,6 +257,24 @@ def test_top_entropy_normaliser_is_all_tokens_globally_and_selected_tokens_local
     assert loss.item() == pytest.approx(1.0)  # official repo: 2 / 2
 
 
+@pytest.mark.parametrize(
+    ("mode", "want"),
+    [
+        ("token-mean", 2 / 2),  # official repo: the 2 selected tokens are the denominator
+        ("seq-mean-token-sum", (2 + 0) / 2),  # torch.mean over both rows, not over the row with a pick
+        ("seq-mean-token-mean", (2 / 2 + 0) / 2),
+        ("seq-mean-token-sum-norm", (2 + 0) / 2 / 4),
+    ],
+)
+def test_local_top_entropy_seq_modes_divide_by_all_responses_of_the_batch(mode, want):
+    """`agg_loss(pg, response_mask * top_mask, mode)` of the 80/20 repo: B counts every response."""
+    H = torch.tensor([[3.0, 2.0, 0.1, 0.1], [0.2, 0.3, 0.1, 0.0]], dtype=D)  # top 2 of 8 both in row 0
+    lp, adv = torch.zeros(2, 4, dtype=D), -torch.ones(2, 4, dtype=D)  # every token loss is 1.0
+    cfg = LossConfig(top_entropy_ratio=0.25, global_stats=False, loss_agg_mode=mode)
+    loss, m = policy_loss(cfg, lp, lp, adv, torch.ones(2, 4), entropy=H)
+    assert m["top_entropy/selected"] == 2 and loss.item() == pytest.approx(want, abs=1e-15)
+
+
 def _method_cfg(name: str, **kw) -> LossConfig:
     extra = {
         "archer": dict(archer_kl_coef_low_entropy=0.0),
@@ -370,6 +388,15 @@ def test_entropy_shaping_in_the_loss_uses_shaped_advantages_and_alpha_zero_recov
     )
 
 
+def test_cap_binding_frac_counts_only_tokens_that_can_get_a_bonus():
+    """A = 0 tokens get no bonus (cap 0): they are neither binding nor in the fraction's denominator."""
+    A = torch.tensor([[1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]], dtype=D)
+    H = torch.tensor([[0.5, 3.0], [2.0, 2.0], [0.5, 3.0]], dtype=D)  # alpha H = 1.2 >= |A| / 2 binds
+    lp = torch.zeros(3, 2, dtype=D)
+    _, m = policy_loss(LossConfig(adv_entropy_shaping=True), lp, lp, A, torch.ones(3, 2), entropy=H)
+    assert m["adv_shaping/cap_binding_frac"] == pytest.approx(2 / 4)
+
+
 # --- Archer (section 7) --------------------------------------------------------------------------
 
 
@@ -424,6 +451,44 @@ def test_archer_kl_weights_are_subset_means_over_valid_tokens_only():
         cfg, args[0], args[1], zero_pg, args[3], entropy=b["entropy"], ref_log_prob=b["ref_log_prob"]
     )
     assert loss.item() == pytest.approx(want.item(), abs=1e-12)
+
+
+def verl_agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """verl's `agg_loss` as the reference repositories call it (torch.mean over all rows), with the
+    1/B of seq-mean-token-sum-norm that verl PR #5417 restored; default scale = padded length."""
+    row = (loss * mask).sum(-1)
+    if mode == "token-mean":
+        return row.sum() / mask.sum()
+    if mode == "seq-mean-token-sum":
+        return row.mean()
+    if mode == "seq-mean-token-mean":
+        return (row / mask.sum(-1)).mean()
+    return row.mean() / mask.shape[-1]
+
+
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+)
+def test_archer_kl_terms_use_the_losss_own_aggregation_mode(mode):
+    """ArcherCodeR dp_actor.py: `agg_loss(kld, subset_mask, loss_agg_mode)` for each entropy subset."""
+    g = torch.Generator().manual_seed(21)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    h = torch.rand(3, 6, generator=g, dtype=D)  # distinct: every row has a high-entropy token
+    lp = -torch.rand(3, 6, generator=g, dtype=D)
+    ref = lp + 0.3 * torch.randn(3, 6, generator=g, dtype=D)
+    cfg = LossConfig(method="archer", loss_agg_mode=mode, archer_kl_coef_low_entropy=1.0,
+                     archer_kl_coef_high_entropy=0.5)  # fmt: skip
+    zero = torch.zeros(3, 6, dtype=D)  # no policy-gradient term: the loss is the two KL terms
+    loss, m = policy_loss(cfg, lp, lp, zero, mask, entropy=h, ref_log_prob=ref)
+    thr = torch.nanquantile(torch.where(mask.bool(), h, float("nan")), 0.8, dim=-1, keepdim=True)
+    high = mask.bool() & (h > thr)
+    low = mask.bool() & ~high
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    want_low, want_high = verl_agg_loss(kl, low, mode), verl_agg_loss(kl, high, mode)
+    assert high.any(-1).all()
+    assert loss.item() == pytest.approx((want_low + 0.5 * want_high).item(), abs=1e-14)
+    assert m["archer/low_entropy_kl"] == pytest.approx(want_low.item(), abs=1e-14)
+    assert m["archer/high_entropy_kl"] == pytest.approx(want_high.item(), abs=1e-14)
 
 
 def test_archer_zero_high_entropy_kl_coef_gives_no_kl_gradient_to_high_tokens():

@@ -1,8 +1,12 @@
-"""Exact selection primitives: float order keys, bisection top-k with tie-break, splitmix64 hash."""
+"""Exact selection primitives: float order keys, bisection top-k with tie-break, splitmix64 hash, quantiles."""
 
+import math
+
+import pytest
 import torch
 
 from pipeline.algorithms.stats import (
+    exact_quantiles,
     float_order_key,
     key_to_float,
     kth_largest_key,
@@ -59,3 +63,16 @@ def test_token_hash_depends_on_seed_step_id_and_position_only():
     assert torch.equal(token_hash(ids, 3, 1, 2), h[:, :3])  # padded length does not matter
     assert not torch.equal(token_hash(ids, 5, 2, 2), h)
     assert not torch.equal(token_hash(ids, 5, 1, 3), h)
+
+
+def test_exact_quantiles_equal_torch_quantile_with_ties_and_any_q():
+    g = torch.Generator().manual_seed(0)
+    qs = [0.0, 0.1, 0.25, 0.5, 0.8, 0.9, 0.999, 1.0]
+    for n in (1, 2, 3, 10, 257):
+        x = torch.round(torch.randn(n, generator=g, dtype=torch.float64) * 3) / 3  # ties
+        assert exact_quantiles(x, qs) == [torch.quantile(x, q).item() for q in qs]
+    assert exact_quantiles(torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0]), [0.8]) == [pytest.approx(5.2)]
+    nan = exact_quantiles(torch.tensor([1.0, float("nan"), 3.0]), [0.5, 0.9])
+    assert all(math.isnan(v) for v in nan)  # as torch.quantile
+    with pytest.raises(ValueError, match="no values"):
+        exact_quantiles(torch.tensor([]), [0.5])

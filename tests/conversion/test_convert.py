@@ -163,7 +163,7 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
     ), r.stderr
     # an output directory that exists: refused without --force
     with pytest.raises(cv.ConversionError, match="--force"):
-        cv.prepare_out_dir(d, force=False)
+        cv.check_out_dir(d, force=False, inputs={})
     # sharded checkpoint with a missing shard, and one with a partial shard
     hf = dict(cv.HFWeights(d).items())
     names = sorted(hf)
@@ -185,3 +185,150 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
         match=r"mlp\.gate_proj\.weight: config\.json implies shape \(80, 64\), the weights have \(96, 64\)",
     ):
         cv.check_hf(cv.HFWeights(d), dict(cfg, intermediate_size=80))
+
+
+# ---------------------------------------------------------------------- nothing lost (issue 16 items 1, 12)
+
+
+def test_an_output_that_is_contains_or_is_inside_an_input_is_refused(tmp_path):
+    from pipeline import conversion as cv
+
+    inp = tmp_path / "in" / "model"
+    inp.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(inp)
+    for out, how in [(inp, "is"), (tmp_path / "link", "is"), (tmp_path / "in", "contains"), (tmp_path, "contains"),
+                     (inp / "megatron", "is inside")]:  # fmt: skip
+        with pytest.raises(cv.ConversionError, match=f"--out-dir {out} {how} the input --hf-dir {inp};"):
+            cv.check_out_dir(out, force=True, inputs={"--hf-dir": inp})
+    assert cv.check_out_dir(tmp_path / "in" / "other", force=False, inputs={"--hf-dir": inp})
+
+
+def test_staged_output_replaces_the_old_one_only_on_success(tmp_path):
+    from pipeline import conversion as cv
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    (tmp_path / ".out.partial-999999999").mkdir()  # left by a killed run (no such pid)
+    for exc in (RuntimeError("boom"), KeyboardInterrupt(), SystemExit(143)):
+        with pytest.raises(type(exc)), cv.staged_out_dir(out, True, {}) as tmp:
+            (tmp / "half.safetensors").write_text("partial")
+            raise exc
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # stale and partial siblings gone
+        assert [p.name for p in out.iterdir()] == ["old.txt"]
+    with cv.staged_out_dir(out, True, {}) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out"
+    ]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny Qwen2 in HF form and as a torch_dist checkpoint (made by the CLI)."""
+    root = tmp_path_factory.mktemp("conv")
+    hf = Path(make_models(root, ["qwen2_tied_gqa2"])["qwen2_tied_gqa2"])
+    r = _cli(
+        "tools/convert_hf_to_megatron.py",
+        "--hf-dir",
+        str(hf),
+        "--out-dir",
+        str(root / "ckpt"),
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    return hf, root / "ckpt"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _error(r) -> str:
+    """The tool's one error line: the last line of stderr, with no traceback before it."""
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
+def test_converters_refuse_to_write_over_their_input_and_leave_it_intact(converted, tmp_path):
+    hf, ckpt = converted
+    hf, ckpt = _copy(hf, tmp_path / "hf"), _copy(ckpt, tmp_path / "ckpt")
+    before = {p: p.read_bytes() for p in [*hf.iterdir(), *ckpt.rglob("*")] if p.is_file()}
+    runs = [
+        ("tools/convert_hf_to_megatron.py", "--hf-dir", str(hf), "--out-dir", str(hf), "--force"),
+        ("tools/convert_hf_to_megatron.py", "--hf-dir", str(hf), "--out-dir", str(tmp_path), "--force"),
+        ("tools/convert_megatron_to_hf.py", "--ckpt-dir", str(ckpt), "--out-dir", str(ckpt), "--force"),
+        (
+            "tools/convert_megatron_to_hf.py",
+            "--ckpt-dir",
+            str(ckpt),
+            "--out-dir",
+            str(ckpt / "hf"),
+            "--force",
+        ),
+    ]
+    for args in runs:
+        r = _cli(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "the input --" in r.stderr, r.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_truncated_distcp_is_named_and_leaves_no_partial_output(converted, tmp_path):
+    _, ckpt = converted
+    ckpt = _copy(ckpt, tmp_path / "ckpt")
+    biggest = max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    size = biggest.stat().st_size
+    biggest.write_bytes(biggest.read_bytes()[: size // 2])
+    out = tmp_path / "out"
+    r = _cli(
+        "tools/convert_megatron_to_hf.py", "--ckpt-dir", str(ckpt), "--out-dir", str(out), "--no-progress"
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {biggest} has {size // 2} of its {size} bytes: the checkpoint is incomplete"
+    ], r.stderr  # found before megatron is imported: nothing else on stderr
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_a_failure_mid_conversion_leaves_the_old_output_and_no_partial_one(converted, tmp_path):
+    """config.json says 3 layers, the checkpoint holds 2: the embedding is already written to the
+    (temporary) safetensors when the first layer fails to read; --force's old output survives."""
+    hf, ckpt = converted
+    side = _copy(hf, tmp_path / "side")
+    cfg = json.loads((side / "config.json").read_text())
+    (side / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    args = ["--ckpt-dir", str(ckpt), "--out-dir", str(out), "--force", "--no-progress"]
+    r = _cli("tools/convert_megatron_to_hf.py", *args, "--hf-config-dir", str(side))
+    line = _error(r)
+    assert (
+        r.returncode == 2
+        and line.startswith("error: decoder.layers.")
+        and line.endswith(": stored for 2 layers, config.json says 3")
+    ), r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and _siblings(out) == []
+    r = _cli("tools/convert_megatron_to_hf.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists() and _siblings(out) == []
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_a_corrupt_hf_input_is_one_line_naming_the_file(converted, tmp_path, damage):
+    hf, _ = converted
+    hf = _copy(hf, tmp_path / "hf")
+    target = hf / ("config.json" if damage == "config" else "model.safetensors")
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    out = tmp_path / "out"
+    r = _cli("tools/convert_hf_to_megatron.py", "--hf-dir", str(hf), "--out-dir", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {target}"), (
+        r.stderr
+    )
+    assert not out.exists() and _siblings(out) == []
