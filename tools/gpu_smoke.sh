@@ -3,7 +3,8 @@
 #
 #   bash tools/gpu_smoke.sh
 #
-# 1. the vocab-parallel op's tests (tests/ops; its CUDA/Triton cases run where a GPU is)
+# 1. the vocab-parallel op's GPU check (tools/gpu_check_vocab_parallel.sh: CUDA tests, benchmark,
+#    node self-test; its outputs in <out>/op/)
 # 2. the actor with the Transformer Engine layer spec against the local spec on a tiny model
 # 3. actor offload: GPU memory freed, the continuation bit for bit
 # 4. an SGLang server on the GPU with a tiny model (generation, memory release and resume)
@@ -43,7 +44,7 @@ step() {  # name, command...
     RESULTS+=("$(printf '%-48s %s (%ss)' "$name" "$([ "$rc" -eq 0 ] && echo PASS || echo "FAIL ($rc)")" $((SECONDS - t0)))")
 }
 PYTEST=("$ACTOR_PY" -m pytest -q -s -p no:cacheprovider)
-step "1 op tests (tests/ops)" "${PYTEST[@]}" tests/ops
+step "1 the op's GPU check" env PYTHON="$ACTOR_PY" OUT="$OUT/op" bash tools/gpu_check_vocab_parallel.sh
 step "2 TE spec vs local spec" "${PYTEST[@]}" tests/gpu -k transformer_engine_spec
 step "3 actor offload" "${PYTEST[@]}" tests/gpu -k offload
 step "4 SGLang server on the GPU" "${PYTEST[@]}" tests/gpu -k sglang_serves
