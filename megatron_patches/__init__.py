@@ -541,6 +541,45 @@ def torch_adam_step_in_checkpoints() -> None:
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
+def torch_norm_sequence_parallel() -> None:
+    """Let the local spec's torch norms run under sequence parallelism, as Transformer Engine's do.
+
+    Upstream (megatron-core 0.16.1, ``transformer/torch_norm.py:32``): ``WrappedTorchNorm`` asserts
+    ``not config.sequence_parallel``, so the local layer spec (CPU, or a GPU without TE) cannot
+    use sequence parallelism at all. Nothing in the norm itself depends on it: under SP each TP rank
+    normalises its own slice of the sequence with the full (replicated) weight, and the weight's
+    gradient is a partial sum that ``finalize_model_grads`` all-reduces over the TP group for every
+    parameter marked ``sequence_parallel`` (``_allreduce_non_tensor_model_parallel_grads``). TE's
+    norms set that mark; torch's do not.
+
+    Fix: build the torch norm as upstream does with SP off, then mark its parameters
+    ``sequence_parallel = True``, exactly what ``TENorm`` does.
+
+    Safe because: a norm is per token, so slicing the sequence does not change its output; the one
+    difference, the gradient reduction, is the one TE relies on. Without SP nothing changes.
+    """
+    torch_norm = importlib.import_module("megatron.core.transformer.torch_norm")
+    cls = torch_norm.WrappedTorchNorm
+    if getattr(cls.__new__, "__sequence_parallel__", False):
+        return
+    original = cls.__new__
+
+    @functools.wraps(original)
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original(cls, plain, hidden_size, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        HITS[f"{_site(1)} sequence_parallel torch norm"] += 1
+        return norm
+
+    __new__.__sequence_parallel__ = True
+    cls.__new__ = __new__
+
+
 PATCHES = {
     f.__name__: f
     for f in (
@@ -551,13 +590,19 @@ PATCHES = {
         gloo_contiguous_collectives,
         unbatched_p2p_on_gloo,
         torch_adam_step_in_checkpoints,
+        torch_norm_sequence_parallel,
     )
 }
 
 # Everything a CPU machine (tests, CI, the CPU demo) needs.
 CPU_PATCHES = list(PATCHES)
 # Safe on any machine: what a CUDA machine may still want (gloo groups, torch Adam without TE/Apex).
-PORTABLE_PATCHES = ["gloo_contiguous_collectives", "unbatched_p2p_on_gloo", "torch_adam_step_in_checkpoints"]
+PORTABLE_PATCHES = [
+    "gloo_contiguous_collectives",
+    "unbatched_p2p_on_gloo",
+    "torch_adam_step_in_checkpoints",
+    "torch_norm_sequence_parallel",  # only reached by the local spec (no Transformer Engine)
+]
 
 
 def apply(names: list[str] | tuple[str, ...]) -> list[str]:

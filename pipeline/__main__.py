@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline train --config configs/demo_cpu.yaml [section.field=value ...]`."""
+"""Command line: `python -m pipeline train|plan|submit --config configs/<recipe>.yaml [section.field=value ...]`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.submit import main as submit
 
         return submit(argv[1:])
+    if argv[:1] == ["plan"]:  # placement and memory, before anything starts (pipeline/launch/plan.py)
+        from pipeline.launch.plan import main as plan
+
+        return plan(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m pipeline", description="RL post-training with entropy control"
     )
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "submit", help="write and submit the Slurm job for a recipe (submit --help)", add_help=False
     )
+    sub.add_parser("plan", help="placement and per-GPU memory of a recipe, before submitting (plan --help)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -243,6 +243,17 @@ RESUME_MAY_CHANGE = frozenset(
         "trainer.sync_bucket_mb",
         "trainer.allow_config_change",
         "actor.max_tokens_per_micro_batch",  # how samples are packed, not what is computed
+        # memory and overlap switches: the same numbers (tests/actor/test_scale_switches.py), what a
+        # requeue after an out-of-memory error changes
+        "actor.sequence_parallel",
+        "actor.recompute_granularity",
+        "actor.recompute_method",
+        "actor.recompute_num_layers",
+        "actor.recompute_modules",
+        "actor.overlap_grad_reduce",
+        "actor.overlap_param_gather",
+        "actor.offload",
+        "rollout.max_inflight",
         "reward.workers",
         "rollout.host",
         "rollout.base_port",

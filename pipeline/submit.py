@@ -1,11 +1,14 @@
 """`python -m pipeline submit`: fill the Slurm template (slurm/ray_job.sbatch) from a recipe and submit it.
 
     python -m pipeline submit --config configs/<recipe>.yaml --nodes 4 --gpus-per-node 8 \\
-        --partition batch --time 24:00:00 --iface ib0 [--dry-run] [section.field=value ...]
+        --partition batch --time 24:00:00 --iface ib0 [--container-image IMG] [--dry-run] \\
+        [section.field=value ...]
 
-The generated script is the template with its `#SBATCH` header replaced and an `export` block of
-the job's settings inserted; it is saved as `<run_dir>/slurm/job-<time>.sbatch` (the record of what
-ran) and submitted with `sbatch`. Users never edit a script; `--dry-run` prints it instead.
+First the same checks as `python -m pipeline plan` (placement, per-GPU memory; a GPU recipe with
+`--gpus-per-node 0` is refused). The generated script is the template with its `#SBATCH` header
+replaced and an `export` block of the job's settings inserted; it is saved as
+`<run_dir>/slurm/job-<time>.sbatch` (the record of what ran) and submitted with `sbatch`. Users
+never edit a script; `--dry-run` prints it instead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -44,15 +48,20 @@ class SlurmJob:
     signal_seconds: int = 300  # SIGUSR1 this long before the time limit: checkpoint, then requeue
     iface: str | None = None  # network interface for Ray/NCCL/Gloo (ib0, eth0); None = first global
     node_ip: str | None = None  # explicit node address, only for single-host tests (127.0.0.1)
-    ray_port: int = 6379
-    port_base: int = 20000  # per-node Ray ports base..base+999
+    ray_port: int = 0  # GCS port of the head; 0 = 6379 + job id % 100 (jobs sharing a node differ)
+    port_base: int = 0  # per-node Ray ports base..base+999; 0 = 20000 + (job id % 10) x 1000
     port_stride: int = 0  # added per node rank: >0 only when several "nodes" share one host
     wait_seconds: int = 600  # deadline for the Ray cluster to form
     entry: str = "pipeline"  # driver module: python -m ENTRY train --config ...
     python: str = ""  # interpreter on the nodes; "" = the repo's .venv (else this interpreter)
     env: dict[str, str] = field(default_factory=dict)  # extra exported variables
     sbatch_args: list[str] = field(default_factory=list)  # extra #SBATCH options, verbatim
+    container_image: str = ""  # pyxis/enroot image every step runs in (srun --container-image)
+    container_mounts: str = ""  # srun --container-mounts (checkout and run dir must be visible inside)
+    gpu_memory_gib: float = 80.0  # memory of one GPU, for the plan's check
+    model_config: str | None = None  # the model's config.json where actor.model_path is not readable
     run_dir: str = ""  # filled by prepare(): absolute trainer.run_dir
+    plan: dict | None = None  # filled by prepare(): `python -m pipeline plan`'s report
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -101,19 +110,24 @@ def time_limit_seconds(t: str) -> int | None:
         ) from None
 
 
-def _recipe(config: str, overrides: list[str], entry: str) -> dict:
-    """The recipe with overrides, validated by the real Config when the driver is the pipeline."""
+def _recipe(job: SlurmJob) -> dict:
+    """The recipe with overrides; for the pipeline's own driver validated by the real Config and
+    checked like `python -m pipeline plan` (placement, memory, GPUs per node)."""
     from pipeline.config import ConfigError, apply_overrides, load_yaml
 
     try:
-        data = apply_overrides(load_yaml(config), list(overrides))
-        if entry == "pipeline":
-            try:
-                from pipeline.config import Config, load
-            except ImportError:  # the typed tree is not assembled yet: the YAML checks above suffice
-                return data
-            cfg = load(Config, config, list(overrides))
+        data = apply_overrides(load_yaml(job.config), list(job.overrides))
+        if job.entry == "pipeline":
+            from pipeline.config import Config, load
+            from pipeline.launch import plan
+
+            cfg = load(Config, job.config, list(job.overrides))
             cfg.check_job()
+            try:
+                job.plan = plan.check(cfg, nodes=job.nodes, gpus_per_node=job.gpus_per_node,
+                                      gpu_gib=job.gpu_memory_gib, model_config_path=job.model_config)  # fmt: skip
+            except plan.PlanRefused as e:
+                raise SubmitError(f"the plan is refused (python -m pipeline plan shows it): {e}") from None
             return {"trainer": {"run_dir": cfg.trainer.run_dir, "world_size": cfg.trainer.world_size}}
     except ConfigError as e:
         raise SubmitError(f"configuration error: {e}") from None
@@ -129,10 +143,12 @@ def prepare(job: SlurmJob) -> SlurmJob:
     if not config.exists():
         raise SubmitError(f"--config {job.config}: no such file")
     job.config = str(config)
-    trainer = _recipe(job.config, job.overrides, job.entry).get("trainer") or {}
+    trainer = _recipe(job).get("trainer") or {}
     run_dir = Path(str(trainer.get("run_dir", "runs/demo")))
     job.run_dir = str(run_dir if run_dir.is_absolute() else REPO / run_dir)
     world = trainer.get("world_size")
+    if job.container_mounts and not job.container_image:
+        raise SubmitError("--container-mounts without --container-image: name the image the steps run in")
     if job.gpus_per_node and isinstance(world, int) and world > job.nodes * job.gpus_per_node:
         raise SubmitError(
             f"trainer.world_size={world} needs more GPUs than --nodes={job.nodes} x --gpus-per-node="
@@ -184,6 +200,8 @@ def environment(job: SlurmJob) -> dict[str, str]:
         "RAY_NODE_PORT_BASE": str(job.port_base),
         "RAY_PORT_STRIDE": str(job.port_stride),
         "RAY_WAIT_S": str(job.wait_seconds),
+        "RL_CONTAINER_IMAGE": job.container_image,
+        "RL_CONTAINER_MOUNTS": job.container_mounts,
     }
     if job.cpus_per_node:
         env["CPUS_PER_NODE"] = str(job.cpus_per_node)
@@ -222,6 +240,9 @@ def submit(job: SlurmJob, dry_run: bool = False) -> int:
         print(text, end="")
         print(f"# would run: sbatch --parsable {script}", file=sys.stderr)
         return 0
+    if shutil.which("sbatch") is None:  # before anything is written: no job file for a job never sent
+        print("submit: sbatch is not on PATH: run this on a Slurm login node (or --dry-run)", file=sys.stderr)
+        return 2
     slurm_dir.mkdir(parents=True, exist_ok=True)  # --output's directory must exist before the job starts
     script.write_text(text)
     r = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
@@ -255,14 +276,20 @@ def parse_args(argv: list[str] | None) -> tuple[SlurmJob, bool]:
     ap.add_argument("--signal-seconds", type=int, default=300, help="checkpoint signal before the limit")
     ap.add_argument("--iface", help="cluster network interface (ib0, eth0, ...)")
     ap.add_argument("--node-ip", help="explicit address of every node: single-host tests only")
-    ap.add_argument("--ray-port", type=int, default=6379)
-    ap.add_argument("--port-base", type=int, default=20000)
+    ap.add_argument("--ray-port", type=int, default=0, help="GCS port (0: 6379 + job id %% 100)")
+    ap.add_argument(
+        "--port-base", type=int, default=0, help="Ray node ports (0: 20000 + job id %% 10 x 1000)"
+    )
     ap.add_argument("--port-stride", type=int, default=0)
     ap.add_argument("--wait-seconds", type=int, default=600)
     ap.add_argument("--entry", default="pipeline", help="driver module (python -m ENTRY train ...)")
     ap.add_argument("--python", default="", help="interpreter on the nodes (default: the repo's .venv)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="export in the job")
     ap.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION", help="extra #SBATCH")
+    ap.add_argument("--container-image", default="", help="pyxis/enroot image for every step")
+    ap.add_argument("--container-mounts", default="", help="srun --container-mounts SRC:DST[,...]")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory for the plan's check")
+    ap.add_argument("--model-config", help="the model's config.json where actor.model_path is not readable")
     ap.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     ap.add_argument("overrides", nargs="*", help="dotted recipe overrides")
     a = ap.parse_args(argv)
@@ -295,6 +322,10 @@ def parse_args(argv: list[str] | None) -> tuple[SlurmJob, bool]:
         python=a.python,
         env=env,
         sbatch_args=a.sbatch_arg,
+        container_image=a.container_image,
+        container_mounts=a.container_mounts,
+        gpu_memory_gib=a.gpu_memory_gib,
+        model_config=a.model_config,
     )
     return job, a.dry_run
 

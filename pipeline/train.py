@@ -13,11 +13,13 @@ as one Ray actor per rank (`pipeline/cluster/actor_group.py`), the engines as Ra
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from tqdm import tqdm
 
-from pipeline import preemption
+from pipeline import checkpoint, preemption
 from pipeline.errors import TrainingError
+from pipeline.rollout import RolloutAborted
 from pipeline.step import Job, advantages, evaluate, generate, log_probs, resume, save, sync, train
 
 log = logging.getLogger("pipeline.train")
@@ -32,8 +34,11 @@ def run(cfg) -> str:
     bar = None
     try:
         job.start()  # Ray, the Megatron ranks, the engines (and the hooks of trainer.hooks)
-        if not resume(job):  # the newest complete checkpoint, else prove the weight mapping first
-            sync(job, version=0)
+        job.phases.training()  # colocated: the engines hand the GPUs to the actor
+        resume(job)  # the newest loadable checkpoint, else the HF weights the engines loaded too
+        job.phases.rollout(
+            lambda: sync(job, version=job.step), moved=True
+        )  # the first sync proves the mapping
         preemption.install()
         if job.step == 0:
             m = {
@@ -41,21 +46,32 @@ def run(cfg) -> str:
                 "data/skipped_rows": sum(job.data_report.skipped.values()),
             }
             if t.eval_every:
-                evaluate(job, m)
+                try:
+                    evaluate(job, m)
+                except RolloutAborted:  # a preemption request during the first evaluation
+                    return preempted(job)
             job.metrics.log(0, m)
         bar = tqdm(total=t.steps, initial=job.step, desc="RL steps", unit="step")
         while job.step < t.steps:
             m: dict = {}
-            samples = generate(job, m)  # rollout rounds, each scored, DAPO's dynamic sampling
+            try:
+                samples = generate(job, m)  # rollout rounds, each scored, DAPO's dynamic sampling
+            except RolloutAborted:  # a preemption request aborted the rollout
+                return preempted(job)
             batch = advantages(job, samples, m)  # the packed batch, advantages over whole groups
             if batch is not None:
+                job.phases.training()  # colocated: the engines hand the GPUs to the actor
                 batch, old = log_probs(job, batch, m)  # the old (and reference) policy's log-probs
-                if train(job, batch, old, m):  # optimizer steps; True if any was applied
-                    sync(job, m, version=job.step + 1)  # the engines serve the new weights
+                applied = train(job, batch, old, m)  # optimizer steps; True if any was applied
+                version = job.step + 1 if applied else job.state.weight_version  # (colocated: refill)
+                job.phases.rollout(partial(sync, job, m, version=version), moved=applied)  # the engines' turn
             stop_if_diverged(job, m)
             job.state.step += 1
             if t.eval_every and (job.step % t.eval_every == 0 or job.step == t.steps):
-                evaluate(job, m)
+                try:
+                    evaluate(job, m)
+                except RolloutAborted:  # the evaluation is dropped; the step is checkpointed below
+                    log.warning("step %d: evaluation aborted by a preemption request", job.step)
             saved = t.checkpoint_every and (job.step % t.checkpoint_every == 0 or job.step == t.steps)
             if saved:
                 save(job, m)
@@ -65,15 +81,21 @@ def run(cfg) -> str:
             )
             bar.update(1)
             if preemption.requested() and job.step < t.steps:
-                if not saved:
-                    save(job)
-                log.warning("preemption requested: checkpointed step %d, exiting for requeue", job.step)
-                return "preempted"
+                return preempted(job)
         return "done"
     finally:
         if bar is not None:
             bar.close()
         job.shutdown()
+
+
+def preempted(job) -> str:
+    """Checkpoint the last complete step (unless it is) and report "preempted"."""
+    found = checkpoint.latest_complete(job.run_dir / "checkpoints")
+    if found is None or found[0] != job.step:
+        save(job)
+    log.warning("preemption requested: checkpointed step %d, exiting for requeue", job.step)
+    return "preempted"
 
 
 def stop_if_diverged(job, m: dict) -> None:

@@ -4,6 +4,7 @@
 #   ray_node.sh node-ip   print "IP IFACE": the address this node's Ray uses, and its interface
 #   ray_node.sh head      start the Ray head, then write $RAY_LOG_DIR/head.ready ("IP:PORT")
 #   ray_node.sh worker    wait for head.ready, then join the head
+#   ray_node.sh keep-logs copy this node's Ray session logs of the job to $RAY_LOG_DIR/ray-logs-<rank>
 #
 # head/worker block until Slurm (or ray_job.sbatch) stops the step; SIGTERM stops Ray cleanly.
 # Every node uses a fresh, job-private Ray temp dir, removed before start and after stop, so a
@@ -83,7 +84,21 @@ stop_ray() {
         wait "$RAY_PID" 2>/dev/null
     fi
     RAY_PID=""
+    keep_logs
     if [ -n "$TMP_DIR" ]; then rm -rf "$TMP_DIR"; fi
+}
+# A node's Ray session logs (raylet, GCS, every worker's stdout/stderr) go to the job's log dir on
+# shared storage, as ray-logs-<node rank>: at the job's end (ray_job.sbatch runs `keep-logs` on every
+# node while Ray still runs) and again when Ray stops, before the private temp dir is removed.
+keep_logs() {  # $1 = a Ray temp dir of this job (default: this process's)
+    local dir=${1:-$TMP_DIR}
+    local src="$dir/session_latest/logs" dest
+    if [ -n "$dir" ] && [ -n "${RAY_LOG_DIR:-}" ] && [ -d "$src" ]; then
+        dest="$RAY_LOG_DIR/ray-logs-${dir##*-}"
+        mkdir -p "$dest" && cp -rL "$src/." "$dest/" 2>/dev/null
+        log "Ray logs kept in $dest"
+    fi
+    return 0
 }
 trap 'stop_ray; exit 143' TERM INT
 trap 'stop_ray' EXIT
@@ -163,5 +178,8 @@ case "${1:-}" in
     node-ip) node_ip ;;
     head) start_head ;;
     worker) start_worker ;;
-    *) die "usage: ray_node.sh node-ip|head|worker" ;;
+    keep-logs)
+        for d in "$RAY_TMP_BASE/ray-${SLURM_CLUSTER_NAME:-slurm}-${SLURM_JOB_ID:-0}"-*; do keep_logs "$d"; done
+        ;;
+    *) die "usage: ray_node.sh node-ip|head|worker|keep-logs" ;;
 esac

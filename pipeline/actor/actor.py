@@ -40,7 +40,8 @@ from megatron.core.transformer.module import Float16Module
 
 from pipeline.actor import packing
 from pipeline.actor.config import ActorConfig, check_layout
-from pipeline.actor.model import DTYPES, build_model, uses_transformer_engine
+from pipeline.actor.model import DTYPES, build_model, sequence_multiple, uses_transformer_engine
+from pipeline.actor.offload import HostOffload
 from pipeline.actor.weights import load_hf_weights, unwrap
 from pipeline.batch import Batch
 from pipeline.ops import vocab_parallel_logprob_entropy
@@ -87,7 +88,8 @@ class MegatronActor:
             chunks = [Float16Module(self.config, c) for c in chunks]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=cfg.overlap_grad_reduce,
+            overlap_param_gather=cfg.overlap_param_gather,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
         )
         self.chunks = [
@@ -135,6 +137,56 @@ class MegatronActor:
         # An extension point: loss_hook(step, mini_batch, loss) -> loss, called on every micro-batch's
         # loss (the tests' fault injection installs one); None in production.
         self.loss_hook = None
+        self._offload = HostOffload(self)  # actor.offload: the rank's memory to host and back
+
+    # ------------------------------------------------------------------ memory (colocated engines)
+
+    def sync_params(self) -> None:
+        """Finish the distributed optimizer's all-gather of the updated weights now.
+
+        With `overlap_param_gather` the gather after an optimizer step is deferred to the next
+        forward (megatron's forward pre-hooks); whatever reads the weights without a forward
+        (export, checkpoints, offload, the reference swap) calls this first, or it reads other ranks'
+        shards of the previous step.
+        """
+        for c in self.chunks:
+            if getattr(c, "use_forward_hook", False):
+                c.start_param_sync(force_sync=True)
+
+    def offload(self, parts: tuple[str, ...] = ("weights", "grads", "optimizer")) -> dict:
+        """Move `parts` of this rank's state to host memory and free their device storage.
+
+        For colocated engines (`actor.offload`): the GPU holds the engines' weights and KV cache
+        while they generate, and the actor's state again before it trains (`onload`). Returns the
+        bytes moved per part. On CPU the "device" is host memory too: the storage is still freed
+        and refilled, which is what the tests check.
+        """
+        self.sync_params()
+        return self._offload.offload(parts)
+
+    def onload(self, parts: tuple[str, ...] | None = None) -> dict:
+        """Bring the offloaded `parts` (all: None) back, bit for bit, before the actor computes."""
+        return self._offload.onload(parts)
+
+    @property
+    def offloaded(self) -> tuple[str, ...]:
+        return self._offload.offloaded
+
+    @contextlib.contextmanager
+    def resident(self, needs: tuple[str, ...] = ("weights", "grads", "optimizer")):
+        """`needs` on the device for the duration (onloaded, and offloaded again if they were out).
+
+        For work between the phases (an evaluation's entropy forward, a checkpoint, the weight
+        export while the actor is offloaded): correct at the price of one round trip.
+        """
+        parts = tuple(p for p in self.offloaded if p in needs)
+        if parts:
+            self.onload(parts)
+        try:
+            yield
+        finally:
+            if parts:
+                self.offload(parts)
 
     # ------------------------------------------------------------------ reference policy
 
@@ -148,6 +200,7 @@ class MegatronActor:
         Like slime's weight backup: one extra copy of this rank's shard in host memory instead of a
         second model on the device; `compute_log_prob(..., weights="reference")` swaps it in.
         """
+        self.sync_params()
         self._reference = [p.detach().to("cpu", copy=True) for p in self._params()]
 
     @contextlib.contextmanager
@@ -156,6 +209,7 @@ class MegatronActor:
             raise RuntimeError(
                 "no reference policy: call snapshot_reference() first (on the initial weights)"
             )
+        self.sync_params()
         params = self._params()
         current = [p.detach().to("cpu", copy=True) for p in params]
         with torch.no_grad():
@@ -204,6 +258,7 @@ class MegatronActor:
         order = [i for samples, _ in layouts for i in samples]
         packed = batch.select(order)
         cu = packed.cu_seqlens
+        multiple = sequence_multiple(self.cfg)  # sequence parallel splits every row over the TP ranks
         pad_to = None
         if self.pad_rows:  # one shape for the whole schedule: as many rows, each as long, as the largest
             shapes = [(len(r), max(lengths[i] for i in s)) for s, r in layouts if s]
@@ -212,7 +267,7 @@ class MegatronActor:
         for samples, row_sizes in layouts:
             if not samples:  # an empty micro-batch: two pad tokens
                 inputs = packing.packed_inputs(
-                    cu.new_zeros(2), cu.new_tensor([0, 2]), thd=self.thd, pad_to=pad_to
+                    cu.new_zeros(2), cu.new_tensor([0, 2]), thd=self.thd, pad_to=pad_to, multiple=multiple
                 )
                 out.append({"inputs": inputs, "tokens": None})
                 continue
@@ -224,6 +279,7 @@ class MegatronActor:
                 row_sizes=row_sizes,
                 thd=self.thd,
                 pad_to=pad_to,
+                multiple=multiple,
             )
             out.append({"inputs": inputs, "tokens": slice(t0, t1)})
             first = last
@@ -538,6 +594,7 @@ class MegatronActor:
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> None:
         """Save model, optimizer, LR schedule, RNG and `extra` (e.g. controller states) to `path`."""
         path = Path(path)
+        self.sync_params()
         if dist.get_rank() == 0:
             path.mkdir(parents=True, exist_ok=True)
         dist.barrier()

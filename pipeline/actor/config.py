@@ -8,7 +8,7 @@ any process group exists, and every error names the field and values that would 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
 
@@ -16,6 +16,8 @@ from pipeline.errors import ConfigError
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +45,16 @@ class ActorConfig:
     seed: int = 1234  # model-parallel RNG seed (dropout; random init when no weights are loaded)
     attention_dropout: float = 0.0  # dropout on attention probabilities (RL: keep 0)
     hidden_dropout: float = 0.0  # dropout on residual branches (RL: keep 0)
+    # --- scale switches: the same numbers, less memory or more overlap (docs/actor.md) ------------
+    sequence_parallel: bool = False  # norms, dropout and residuals sharded over TP ranks (tp >= 2)
+    recompute_granularity: str = "none"  # none | selective (recompute_modules) | full (whole layers)
+    recompute_method: str = "uniform"  # full: "uniform" chunks of n layers, or "block": the first n
+    recompute_num_layers: int = 1  # full: layers per recomputed chunk (uniform) / per stage (block)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective: what
+    overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward pass
+    overlap_param_gather: bool = False  # all-gather updated weights during the next forward
+    offload: bool = False  # weights, grads, optimizer state to host while colocated engines generate
+    layer_spec: str = "auto"  # "auto": Transformer Engine where CUDA has it, else "local"; or force one
 
     def validate(self) -> None:
         for name in ("tp", "pp", "micro_batch_size", "make_vocab_size_divisible_by"):
@@ -82,6 +94,44 @@ class ActorConfig:
             raise ConfigError("actor.clip_grad and actor.weight_decay must be >= 0")
         if self.temperature <= 0:
             raise ConfigError(f"actor.temperature={self.temperature}: must be > 0")
+        self._validate_scale_switches()
+        if self.layer_spec not in ("auto", "local", "transformer_engine"):
+            raise ConfigError(
+                f"actor.layer_spec={self.layer_spec!r}: expected 'auto', 'local' or 'transformer_engine'"
+            )
+
+    def _validate_scale_switches(self) -> None:
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError(
+                f"actor.sequence_parallel=true needs actor.tp >= 2 (got tp={self.tp}): it shards "
+                "activations over the tensor-parallel ranks; set sequence_parallel=false"
+            )
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(
+                f"actor.recompute_granularity={self.recompute_granularity!r}: expected one of "
+                f"{list(RECOMPUTE_GRANULARITIES)}"
+            )
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(
+                f"actor.recompute_method={self.recompute_method!r}: expected one of {list(RECOMPUTE_METHODS)}"
+            )
+        if self.recompute_num_layers < 1:
+            raise ConfigError(f"actor.recompute_num_layers={self.recompute_num_layers}: must be >= 1")
+        modules = ("core_attn", "mlp")  # megatron's "layernorm" recompute needs Transformer Engine
+        if self.recompute_granularity == "selective" and (
+            not self.recompute_modules or set(self.recompute_modules) - set(modules)
+        ):
+            raise ConfigError(
+                f"actor.recompute_modules={self.recompute_modules}: a non-empty subset of {list(modules)} "
+                "(megatron-core 0.16.1 recomputes norms only with Transformer Engine, where they are fused "
+                "into the next linear layer anyway)"
+            )
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            raise ConfigError(
+                "actor.overlap_param_gather=true needs actor.use_distributed_optimizer=true and "
+                "actor.overlap_grad_reduce=true (the gather overlaps the next forward of the sharded "
+                "optimizer's update); set overlap_param_gather=false or enable both"
+            )
 
     @property
     def virtual_stages(self) -> int:
@@ -143,6 +193,12 @@ def check_layout(cfg: ActorConfig, hf_config: dict, world_size: int) -> None:
             f"actor.pp={cfg.pp} x actor.vpp={cfg.vpp}: num_hidden_layers={layers} must be divisible by "
             f"pp x vpp = {stages}; with tp={cfg.tp} on {world_size} ranks these work: "
             f"{', '.join(ok) or 'none (change trainer.world_size)'}"
+        )
+    per_chunk = layers // stages
+    if cfg.recompute_granularity == "full" and cfg.recompute_num_layers > per_chunk:
+        raise ConfigError(
+            f"actor.recompute_num_layers={cfg.recompute_num_layers}: at most the {per_chunk} layers of one "
+            f"model chunk (num_hidden_layers={layers} / pp x vpp = {stages})"
         )
     if world_size % (cfg.tp * cfg.pp):
         ok = [(t, p) for t in _divisors(world_size) for p in _divisors(world_size // t)]

@@ -3,6 +3,7 @@ and for checkpoint export.
 
     export_hf_weights(actor_or_chunks, hf_config) -> iterator of (hf_name, tensor)
     export_hf_buckets(actor_or_chunks, hf_config, bucket_bytes=512 MiB) -> iterator of lists of them
+    export_hf_weights(..., everywhere=True)   every rank yields every tensor (colocated CUDA IPC)
 
 Walks the family's rule table (pipeline/actor/hf_mapping) one Megatron tensor at a time: the pipeline
 stage that owns it all-gathers its tensor-parallel pieces (fc1 re-joined as [gate; up]), sends the
@@ -129,16 +130,46 @@ def _gather_live(chunks, rules) -> Iterator:
             yield name, full
 
 
-def export_hf_weights(actor_or_chunks, hf_config: dict, *, dtype: torch.dtype | None = None) -> Iterator:
+def _gather_live_everywhere(chunks, rules) -> Iterator:
+    """Full Megatron tensors on *every* rank, in rule order: the owning stage's TP group all-gathers,
+    then the owning stage broadcasts over each pipeline group. Every data-parallel replica does the
+    same with its own copy, so no rank waits on another replica and the collectives stay in step."""
+    local = _local_params(chunks)
+    pp_group, pp_size = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    owners = _owners(local, pp_group, pp_size)
+    missing = [r.megatron for r in rules if r.export and r.megatron not in owners]
+    if missing:
+        raise KeyError(f"no pipeline stage holds {missing[:5]} (model and hf_config disagree?)")
+    device = next(iter(local.values())).device
+    for rule in rules:
+        if not rule.export:
+            continue
+        name = rule.megatron
+        full = _gather_tp(local[name], name) if name in local else None
+        if pp_size > 1:
+            stage, shape, param_dtype = owners[name]
+            if pp_rank != stage:
+                full = torch.empty(shape, dtype=param_dtype, device=device)
+            dist.broadcast(full, dist.get_global_rank(pp_group, stage), group=pp_group)
+        yield name, full
+
+
+def export_hf_weights(
+    actor_or_chunks, hf_config: dict, *, dtype: torch.dtype | None = None, everywhere: bool = False
+) -> Iterator:
     """Yield `(hf_name, tensor)` for the whole model on global rank 0 (see the module docstring).
 
     `actor_or_chunks`: a `MegatronActor` or this rank's model chunks (DDP/Float16Module wrapped or
     not). Tensors are in the parameters' dtype unless `dtype` is given; they are fresh (safe to keep).
+    `everywhere`: every rank yields the same stream (each holds one full tensor at a time), for
+    colocated engines that take the weights from the GPU they share with a rank (CUDA IPC).
     """
     chunks = _chunks(actor_or_chunks)
     te = is_te_naming(chunks)
     rules = get_mapping(hf_config["model_type"]).rules(hf_config, te=te)
-    yield from megatron_to_hf_stream(_gather_live(chunks, rules), hf_config, te=te, dtype=dtype)
+    gather = _gather_live_everywhere if everywhere else _gather_live
+    yield from megatron_to_hf_stream(gather(chunks, rules), hf_config, te=te, dtype=dtype)
 
 
 def bucketed(named: Iterable, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list]:
@@ -156,7 +187,15 @@ def bucketed(named: Iterable, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Itera
 
 
 def export_hf_buckets(
-    actor_or_chunks, hf_config: dict, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype=None
+    actor_or_chunks,
+    hf_config: dict,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    dtype=None,
+    everywhere=False,
 ) -> Iterator[list]:
-    """`export_hf_weights` grouped into lists of at most `bucket_bytes` (rank 0 yields; all iterate)."""
-    yield from bucketed(export_hf_weights(actor_or_chunks, hf_config, dtype=dtype), bucket_bytes)
+    """`export_hf_weights` grouped into lists of at most `bucket_bytes` (rank 0 yields, or every rank
+    with `everywhere`: the same buckets, as the stream is the same; all ranks iterate)."""
+    yield from bucketed(
+        export_hf_weights(actor_or_chunks, hf_config, dtype=dtype, everywhere=everywhere), bucket_bytes
+    )

@@ -33,15 +33,22 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def uses_transformer_engine() -> bool:
-    """True where the Transformer Engine spec is used: CUDA present and TE importable."""
-    return torch.cuda.is_available() and bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+def uses_transformer_engine(choice: str = "auto") -> bool:
+    """Whether the Transformer Engine spec is used: `actor.layer_spec` "transformer_engine", or
+    "auto" where CUDA is present and TE importable ("local": never)."""
+    have = torch.cuda.is_available() and bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+    if choice == "transformer_engine" and not have:
+        raise ConfigError(
+            "actor.layer_spec=transformer_engine: needs CUDA and Transformer Engine importable here "
+            "(tools/setup_gpu_env.sh); use auto or local"
+        )
+    return have if choice == "auto" else choice == "transformer_engine"
 
 
-def layer_spec(hf_config: dict):
+def layer_spec(hf_config: dict, choice: str = "auto"):
     """The one place that picks the transformer-layer spec (TE on CUDA when importable, else local)."""
     qk_norm = hf_config.get("model_type") == "qwen3"
-    if uses_transformer_engine():
+    if uses_transformer_engine(choice):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
 
@@ -80,7 +87,8 @@ def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         virtual_pipeline_model_parallel_size=cfg.vpp if (cfg.vpp or 1) > 1 else None,
-        sequence_parallel=False,
+        sequence_parallel=cfg.sequence_parallel,
+        **recompute_kwargs(cfg),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -94,6 +102,26 @@ def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
     )
+
+
+def recompute_kwargs(cfg: ActorConfig) -> dict:
+    """Activation recompute as megatron spells it: "selective" checkpoints `recompute_modules` of
+    every layer (core attention by default), "full" whole layers (`recompute_method` uniform: chunks
+    of `recompute_num_layers` layers keep only their input; block: the first n layers per stage)."""
+    if cfg.recompute_granularity == "none":
+        return {}
+    if cfg.recompute_granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(cfg.recompute_modules)}
+    return {
+        "recompute_granularity": "full",
+        "recompute_method": cfg.recompute_method,
+        "recompute_num_layers": cfg.recompute_num_layers,
+    }
+
+
+def sequence_multiple(cfg: ActorConfig) -> int:
+    """Sequences must be a multiple of this (sequence parallel splits them over the TP ranks)."""
+    return cfg.tp if cfg.sequence_parallel else 1
 
 
 def rope_inv_freq(hf_config: dict) -> torch.Tensor:
@@ -134,7 +162,7 @@ def build_model(hf_config: dict, cfg: ActorConfig) -> list[GPTModel]:
         vp_stage = stage if vpp else None
         model = GPTModel(
             config,
-            layer_spec(hf_config),
+            layer_spec(hf_config, cfg.layer_spec),
             vocab_size=vocab,
             max_sequence_length=hf_config.get("max_position_embeddings", 4096),
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

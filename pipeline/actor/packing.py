@@ -119,13 +119,15 @@ def packed_inputs(
     row_sizes: list[int] | None = None,
     thd: bool,
     pad_to: tuple[int, int] | None = None,
+    multiple: int = 1,
 ) -> PackedInputs:
     """The samples `tokens` [T] (boundaries `cu_seqlens` [n + 1]) as packed rows on their device.
 
     `row_sizes` gives the number of consecutive samples in each row (default: all in one row); rows are
     as long as the longest and padded at their end. `pad_to=(k, L)` pads to k rows of L tokens: fixed
     shapes for a pipeline schedule that cannot take micro-batches of different shapes. A pad span is a
-    sequence of its own (it attends only to itself) and its slots are not `real`.
+    sequence of its own (it attends only to itself) and its slots are not `real`. Rows are padded to a
+    `multiple` of tokens (sequence parallel splits each row evenly over the tensor-parallel ranks).
     """
     cu = cu_seqlens.tolist()
     sizes = [b - a for a, b in zip(cu, cu[1:], strict=False)]
@@ -135,6 +137,7 @@ def packed_inputs(
     length = max(cu[s + n] - cu[s] for s, n in zip(starts, row_sizes, strict=True))
     if pad_to is not None:
         k, length = max(k, pad_to[0]), max(length, pad_to[1])
+    length = -(-length // multiple) * multiple
     index, segment, position = [], [], []  # per slot: token index, sample (pad: -(row + 1)), position
     for r in range(k):
         samples = range(starts[r], starts[r] + row_sizes[r]) if r < len(row_sizes) else range(0)

@@ -29,10 +29,23 @@ def _free_port() -> int:
 class ActorWorker:
     """A Megatron rank: process group, parallel state and `MegatronActor`, inside one Ray actor."""
 
-    def __init__(self, rank: int, world_size: int, actor_cfg, hf_dir: str, backend: str, reference: bool):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        actor_cfg,
+        hf_dir: str,
+        backend: str,
+        reference: bool,
+        planned_gpu: int | None = None,
+    ):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.args = (actor_cfg, hf_dir, reference)
+        if planned_gpu is not None and [int(g) for g in ray.get_gpu_ids()] != [planned_gpu]:
+            raise RuntimeError(
+                f"Megatron rank {rank} was planned on GPU {planned_gpu} but Ray gave it {ray.get_gpu_ids()}"
+            )
 
     def address(self) -> str:
         """Where rank 0 hosts the rendezvous (its node's address and a free port there)."""
@@ -85,29 +98,50 @@ class ActorWorker:
 
     def compute_log_prob(self, batch: Batch, entropy: bool, influence: bool, weights: str):
         samples, shard = self._shard(batch)
-        out = self.actor.compute_log_prob(
-            shard, entropy=entropy, influence=influence, broadcast=False, weights=weights
-        )
+        with self.actor.resident(needs=("weights",)):
+            out = self.actor.compute_log_prob(
+                shard, entropy=entropy, influence=influence, broadcast=False, weights=weights
+            )
         if not self._reports():
             return None
         return samples, {k: v.cpu() for k, v in out.items()}
 
     def train_step(self, batch: Batch, loss_cfg, step: int, on_policy: bool, mini_batch: int):
-        metrics = self.actor.train_step(
-            self._shard(batch)[1], loss_cfg, step=step, on_policy=on_policy, mini_batch=mini_batch
-        )
+        with self.actor.resident():
+            metrics = self.actor.train_step(
+                self._shard(batch)[1], loss_cfg, step=step, on_policy=on_policy, mini_batch=mini_batch
+            )
         return metrics, self._reports()
 
     def set_loss_hook(self, hook) -> None:
         self.actor.loss_hook = hook
 
+    def offload(self, parts: tuple[str, ...]) -> dict:
+        return self.actor.offload(parts)
+
+    def onload(self, parts) -> dict:
+        return self.actor.onload(parts)
+
     def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
         """Stream the HF-named weights into the engines; every rank drives the export's collectives."""
         import time
 
+        t0 = time.perf_counter()
+        with self.actor.resident(needs=("weights",)):
+            self.actor.sync_params()  # a deferred all-gather (overlap_param_gather) must land first
+            return self._sync_weights(target, version, bucket_bytes, t0)
+
+    def _sync_weights(self, target: dict, version: int, bucket_bytes: int, t0: float) -> dict:
+        import time
+
         from pipeline.actor.export import export_hf_buckets
 
-        t0 = time.perf_counter()
+        if (
+            target["kind"] == "sglang"
+            and target.get("engine_ranks")
+            and target["cfg"].sync_method == "tensor"
+        ):
+            return self._sync_colocated(target, version, bucket_bytes, t0)
         buckets = export_hf_buckets(self.actor, self.hf_config, bucket_bytes=bucket_bytes)
         nbytes = 0
         if self.rank != 0:
@@ -135,24 +169,46 @@ class ActorWorker:
         dt = time.perf_counter() - t0
         return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
 
+    def _sync_colocated(self, target: dict, version: int, bucket_bytes: int, t0: float) -> dict:
+        """Colocated engines take every bucket from the GPU they share with a rank (CUDA IPC)."""
+        import time
+
+        from pipeline.actor.export import export_hf_buckets
+        from pipeline.rollout.cuda_ipc import ColocatedSync
+
+        if not hasattr(self, "_ipc"):  # its process groups are made once, by every rank
+            self._ipc = ColocatedSync(target["engine_ranks"], target["urls"], self.rank)
+        self._ipc.begin()
+        nbytes = 0
+        for bucket in export_hf_buckets(
+            self.actor, self.hf_config, bucket_bytes=bucket_bytes, everywhere=True
+        ):
+            nbytes += self._ipc.push(bucket, version)
+        self._ipc.end()
+        if self.rank != 0:
+            return {}
+        dt = time.perf_counter() - t0
+        return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
+
     def save_checkpoint(self, path: str, extra: dict):
-        self.actor.save_checkpoint(path, extra)
+        with self.actor.resident():
+            self.actor.save_checkpoint(path, extra)
 
     def load_checkpoint(self, path: str) -> dict:
-        return self.actor.load_checkpoint(path)
+        with self.actor.resident():
+            return self.actor.load_checkpoint(path)
 
 
 class ActorGroup:
-    def __init__(self, actor_cfg, hf_dir: str, pg, plan: placement.Plan, *, reference: bool = False):
-        backend = "nccl" if plan.actor_gpus else "gloo"
-        world_size = len(plan.actor_bundles)
+    def __init__(self, actor_cfg, hf_dir: str, lay: placement.Layout, *, reference: bool = False):
+        backend = "nccl" if lay.gpus else "gloo"
+        world_size = len(lay.ranks)
+        # Rank r on the r-th device in (node, GPU) order: tensor-parallel groups on one node.
         self.workers = [
-            ActorWorker.options(
-                num_cpus=plan.actor_cpus,
-                num_gpus=plan.actor_gpus,
-                scheduling_strategy=placement.in_bundle(pg, b),
-            ).remote(i, world_size, actor_cfg, hf_dir, backend, reference)
-            for i, b in enumerate(plan.actor_bundles)
+            ActorWorker.options(**placement.rank_options(lay, r)).remote(
+                r, world_size, actor_cfg, hf_dir, backend, reference, d.gpu
+            )
+            for r, d in enumerate(lay.ranks)
         ]
         master = ray.get(self.workers[0].address.remote())
         self.infos = ray.get([w.start.remote(master) for w in self.workers])
@@ -193,6 +249,15 @@ class ActorGroup:
 
     def sync_weights(self, target: dict, version: int, bucket_bytes: int) -> dict:
         return self._all("sync_weights", target, version, bucket_bytes)[0]
+
+    # ---- colocated memory phases (actor.offload) ------------------------------------------------
+    def offload(self, parts: tuple[str, ...] = ("weights", "grads", "optimizer")) -> dict:
+        """Every rank's `parts` to host memory (the engines' turn on the GPUs); bytes of rank 0."""
+        return self._all("offload", tuple(parts))[0]
+
+    def onload(self, parts: tuple[str, ...] | None = None) -> dict:
+        """Every rank's offloaded state (or `parts` of it) back on its device, bit for bit."""
+        return self._all("onload", parts)[0]
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         self._all("save_checkpoint", path, extra)

@@ -1,24 +1,30 @@
-"""Rollout engines behind one interface: SGLang servers on a cluster, an in-process engine on a CPU box."""
+"""Rollout engines behind one interface: SGLang servers on a cluster, an in-process engine on a CPU box.
 
-from pipeline.rollout.base import Engine, Sample, SamplingParams, logprob_mismatch
-from pipeline.rollout.config import RolloutConfig, RolloutConfigError
-from pipeline.rollout.local import LocalEngine
+Names are imported on first use: `pipeline.rollout.server` and `.config` stay free of torch, so the
+per-engine server owners on a cluster (`pipeline.cluster.engine_actor`) start in a blink.
+"""
 
-__all__ = [
-    "Engine",
-    "LocalEngine",
-    "RolloutConfig",
-    "RolloutConfigError",
-    "Sample",
-    "SamplingParams",
-    "logprob_mismatch",
-]
+import importlib
+
+_WHERE = {
+    "Engine": "base",
+    "Sample": "base",
+    "SamplingParams": "base",
+    "logprob_mismatch": "base",
+    "RolloutConfig": "config",
+    "RolloutConfigError": "config",
+    "LocalEngine": "local",
+    # SGLangEngine needs aiohttp.
+    "SGLangEngine": "sglang_engine",
+    "WeightSyncError": "sglang_engine",
+    "RolloutError": "base",
+    "RolloutAborted": "base",
+}
+
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    # SGLangEngine needs aiohttp; importing it lazily keeps `pipeline.rollout` light for LocalEngine users.
-    if name in ("SGLangEngine", "WeightSyncError", "RolloutError"):
-        from pipeline.rollout import sglang_engine
-
-        return getattr(sglang_engine, name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"pipeline.rollout.{_WHERE[name]}"), name)
     raise AttributeError(name)

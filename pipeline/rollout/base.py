@@ -9,6 +9,14 @@ from typing import Protocol
 import torch
 
 
+class RolloutError(RuntimeError):
+    """A rollout request that still failed after every retry and restart."""
+
+
+class RolloutAborted(RolloutError):
+    """The rollout was aborted on request (`abort()`, or a preemption request while it ran)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class SamplingParams:
     max_new_tokens: int = 64

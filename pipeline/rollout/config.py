@@ -33,8 +33,8 @@ class RolloutConfig:
     dtype: str = "float32"  # server weights; keep the trainer's dtype policy (fp32 on CPU)
     mem_fraction_static: float = 0.05  # KV-cache + weights share of device memory (0.05 on CPU)
     max_total_tokens: int = 8192  # KV-cache size in tokens (None-equivalent 0 = SGLang decides)
-    host: str = "127.0.0.1"  # servers and router listen here; tests keep everything on loopback
-    base_port: int = 0  # first server port (engine i uses base_port + i); 0 = free ports
+    host: str = ""  # servers listen here; "" = their node's address (127.0.0.1 outside Ray)
+    base_port: int = 0  # first server port on a node (its k-th engine: +k); 0 = a per-job block
     router_port: int = 0  # sglang-router port; 0 = a free port
     use_router: bool = True  # put sglang-router in front when num_engines > 1
     python: str = ""  # interpreter that runs the servers and the router; "" = this interpreter
@@ -47,7 +47,7 @@ class RolloutConfig:
     # --- client --------------------------------------------------------------------------------
     request_timeout_s: float = 600.0  # one /generate call
     batch_size: int = 8  # prompts per /generate request
-    max_inflight: int = 16  # concurrent /generate requests (all engines together)
+    max_inflight: int = 0  # concurrent /generate requests, all engines; 0 = the whole rollout at once
     max_retries: int = 5  # resubmissions of one request before the rollout fails
     retry_backoff_s: float = 0.5  # first wait after a failed request (doubles per retry)
     restart_dead_engines: bool = True  # restart an engine whose process died, then resubmit
@@ -75,11 +75,41 @@ class RolloutConfig:
             raise RolloutConfigError(f"rollout.mem_fraction_static={self.mem_fraction_static}: in (0, 1]")
         if self.sync_method not in SYNC_METHODS:
             raise RolloutConfigError(f"rollout.sync_method={self.sync_method!r}: one of {SYNC_METHODS}")
-        if self.bucket_bytes <= 0 or self.batch_size < 1 or self.max_inflight < 1:
-            raise RolloutConfigError("rollout.bucket_bytes, batch_size and max_inflight must be positive")
+        if self.bucket_bytes <= 0 or self.batch_size < 1 or self.max_inflight < 0:
+            raise RolloutConfigError(
+                "rollout.bucket_bytes and batch_size must be positive, max_inflight >= 0 (0 = all at once)"
+            )
         if self.verify_tolerance <= 0:
             raise RolloutConfigError(f"rollout.verify_tolerance={self.verify_tolerance}: must be > 0")
+        if self.device not in ("cpu", "cuda"):
+            raise RolloutConfigError(f"rollout.device={self.device!r}: expected 'cpu' or 'cuda'")
+        if self.engine == "sglang" and self.device == "cuda":
+            self._check_gpu()
         return self
+
+    def _check_gpu(self) -> None:
+        """What a GPU job needs that the fields alone decide."""
+        if not self.python:
+            raise RolloutConfigError(
+                "rollout.python: set the interpreter of the SGLang environment for engine=sglang, "
+                "device=cuda (tools/setup_gpu_env.sh makes it; the actor's environment has no SGLang)"
+            )
+        if self.colocate and self.sync_method == "distributed":
+            raise RolloutConfigError(
+                "rollout.sync_method=distributed with rollout.colocate=true on GPUs: Megatron rank 0 and "
+                "engine 0's first TP rank share a GPU, and NCCL refuses two ranks of one group on one GPU; "
+                "use sync_method=tensor (CUDA IPC on the shared GPUs) or disk (shared storage)"
+            )
+        if not self.colocate and self.sync_method == "tensor":
+            raise RolloutConfigError(
+                "rollout.sync_method=tensor with rollout.colocate=false on GPUs: CUDA IPC handles only "
+                "reach a process on the same GPUs; use sync_method=distributed (NCCL broadcast) or disk"
+            )
+        if self.sync_method == "disk" and not self.sync_dir:
+            raise RolloutConfigError(
+                "rollout.sync_method=disk on a cluster needs rollout.sync_dir on storage every node reads "
+                "(the engines load what the trainer writes)"
+            )
 
     @property
     def backend(self) -> str:

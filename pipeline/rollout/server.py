@@ -147,9 +147,13 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def server_env(cfg: RolloutConfig) -> dict[str, str]:
+def server_env(cfg: RolloutConfig, gpus: list[int] | None = None) -> dict[str, str]:
+    """The parent's whole environment (a job reaper finds the servers by what they inherit), plus
+    `cfg.env`, `cfg.pythonpath`, the CPU recipe's variables, and the engine's GPUs when given."""
     env = dict(os.environ)
     env.update(cfg.env)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     if cfg.pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([*cfg.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if cfg.device == "cpu":
@@ -159,12 +163,26 @@ def server_env(cfg: RolloutConfig) -> dict[str, str]:
     return env
 
 
-def server_command(cfg: RolloutConfig, model_path: str, port: int) -> list[str]:
+def server_command(
+    cfg: RolloutConfig,
+    model_path: str,
+    port: int,
+    *,
+    host: str | None = None,
+    gpus: list[int] | None = None,
+    memory_saver: bool = False,
+) -> list[str]:
+    """`python -m sglang.launch_server ...` for one engine.
+
+    `gpus`: the engine's GPUs, made visible as its only devices (`server_env`), so it starts at
+    `--base-gpu-id 0`. `memory_saver`: `--enable-memory-saver`, which lets
+    `release_memory_occupation` give the weights' and KV cache's GPU memory back (colocated).
+    """
     python = cfg.python or sys.executable
     cmd = [
         python, "-m", "sglang.launch_server",
         "--model-path", model_path,
-        "--host", cfg.host,
+        "--host", host or cfg.host or "127.0.0.1",
         "--port", str(port),
         "--tp-size", str(cfg.tp_size),
         "--dtype", cfg.dtype,
@@ -173,6 +191,10 @@ def server_command(cfg: RolloutConfig, model_path: str, port: int) -> list[str]:
     ]  # fmt: skip
     if cfg.max_total_tokens:
         cmd += ["--max-total-tokens", str(cfg.max_total_tokens)]
+    if gpus is not None:
+        cmd += ["--base-gpu-id", "0"]
+    if memory_saver:
+        cmd += ["--enable-memory-saver"]
     if cfg.device == "cpu":  # the CPU path of the recipe: torch-native attention and sampling
         cmd += [
             "--device", "cpu",
@@ -187,8 +209,108 @@ def router_command(cfg: RolloutConfig, port: int, worker_urls: list[str]) -> lis
     python = cfg.python or sys.executable
     return [
         python, "-m", "sglang_router.launch_router",
-        "--host", cfg.host,
+        "--host", cfg.host or "127.0.0.1",
         "--port", str(port),
         "--worker-urls", *worker_urls,
         "--policy", "round_robin",
     ]  # fmt: skip
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def pick_port(host: str, preferred: int, limit: int) -> int:
+    """`preferred`, or the next free port below `limit`, or any free port (another job holds it)."""
+    for port in range(preferred, max(preferred + 1, limit)):
+        if port_is_free(host, port):
+            return port
+    return free_port(host)
+
+
+class EngineServer:
+    """One SGLang server: its command, environment, process, health and restarts.
+
+    The same object runs in the process that owns the server: the SGLang client itself (a CPU box,
+    tests) or one Ray actor per engine on the engine's node (`pipeline.cluster.rollout_group`).
+    """
+
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        index: int,
+        *,
+        host: str,
+        port: int,
+        log_dir: str | Path,
+        gpus: list[int] | None = None,
+        memory_saver: bool = False,
+    ):
+        self.cfg, self.index, self.host, self.port = cfg, index, host, port
+        self.gpus, self.memory_saver = gpus, memory_saver
+        self.log_path = Path(log_dir) / f"engine{index}.log"
+        self.process: ManagedProcess | None = None
+
+    @property
+    def name(self) -> str:
+        return f"sglang engine {self.index} ({self.host}:{self.port})"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def command(self, model_path: str | None = None) -> list[str]:
+        return server_command(
+            self.cfg,
+            model_path or self.cfg.model_path,
+            self.port,
+            host=self.host,
+            gpus=self.gpus,
+            memory_saver=self.memory_saver,
+        )
+
+    def env(self) -> dict[str, str]:
+        return server_env(self.cfg, self.gpus)
+
+    def spec(self) -> dict:
+        """What would start: the command, the variables added to the inherited environment, the URL."""
+        env = self.env()
+        added = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        return {"command": self.command(), "env": added, "url": self.url, "log": str(self.log_path)}
+
+    def start(self, model_path: str | None = None) -> None:
+        self.process = ManagedProcess(
+            self.name, self.command(model_path), self.env(), self.log_path, f"{self.url}/health_generate"
+        )
+        self.process.start()
+
+    def wait_healthy(self, deadline_s: float) -> None:
+        self.process.wait_healthy(deadline_s)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive()
+
+    def healthy(self) -> bool:
+        return self.process is not None and self.process.healthy()
+
+    def restart(self, model_path: str, deadline_s: float) -> None:
+        """Stop what is left of the server, start it again from `model_path`, wait until healthy."""
+        self.stop(grace_s=1.0)
+        self.start(model_path)
+        self.wait_healthy(deadline_s)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.process is not None:
+            self.process.stop(grace_s)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,15 +47,15 @@ import aiohttp
 import torch
 import torch.distributed as dist
 
-from pipeline.rollout.base import Sample, SamplingParams
+from pipeline.rollout.base import RolloutAborted, RolloutError, Sample, SamplingParams
 from pipeline.rollout.config import RolloutConfig, RolloutConfigError
 from pipeline.rollout.server import (
+    EngineServer,
     ManagedProcess,
     ServerError,
     free_port,
     http_json,
     router_command,
-    server_command,
     server_env,
 )
 
@@ -66,10 +67,6 @@ _MB = 1024**2
 
 class WeightSyncError(RuntimeError):
     """A weight sync that failed or whose result does not match the trainer: the step must stop."""
-
-
-class RolloutError(RuntimeError):
-    """A rollout request that still failed after every retry and restart."""
 
 
 def bucketed(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list]:
@@ -138,7 +135,11 @@ class SGLangEngine:
         *,
         eos_token_ids: list[int] | None = None,
         attach_urls: list[str] | None = None,
+        servers: list | None = None,
     ):
+        """Start and own `servers` (objects with `EngineServer`'s methods, e.g. one Ray actor per
+        engine on the engine's node; default: `cfg.num_engines` local `EngineServer`s), or only talk
+        to `attach_urls` (someone else owns them: no start, stop or restart)."""
         self.cfg = cfg.validate()
         if not cfg.model_path and attach_urls is None:
             raise RolloutConfigError("rollout.model_path: set the HF checkpoint directory the servers load")
@@ -156,6 +157,7 @@ class SGLangEngine:
         self._recovery_error: BaseException | None = None
         self._group = None  # the weight-update process group, made at the first distributed sync
         self._aborting = False
+        self.abort_check = None  # called every second during a rollout; True aborts it (preemption)
         self._rr = 0
         self.router: ManagedProcess | None = None
         self._attached_urls: list[str] | None = None
@@ -163,43 +165,56 @@ class SGLangEngine:
             self._attached_urls = list(attach_urls)
             self.servers = []
             return
-        ports = [cfg.base_port + i if cfg.base_port else free_port(cfg.host) for i in range(cfg.num_engines)]
-        self.servers = [self._server(i, port) for i, port in enumerate(ports)]
         try:
-            # On CPU one after the other: SGLang sizes its pools from the memory that disappears while
-            # it loads, and a neighbour loading at the same time makes that look like its own.
-            serial = cfg.device == "cpu"
-            for s in self.servers:
-                s.start()
-                if serial:
-                    s.wait_healthy(cfg.startup_timeout_s)
-            for s in self.servers:
-                s.wait_healthy(cfg.startup_timeout_s)
-            if cfg.num_engines > 1 and cfg.use_router:
-                port = cfg.router_port or free_port(cfg.host)
-                self.router = ManagedProcess(
-                    "sglang-router",
-                    router_command(cfg, port, self.engine_urls),
-                    server_env(cfg),
-                    self._log_dir / "router.log",
-                    f"http://{cfg.host}:{port}/health",
-                )
-                self.router.start()
-                self.router.wait_healthy(cfg.startup_timeout_s)
-                self._wait_router_workers(cfg.startup_timeout_s)
+            if servers is None:
+                host = cfg.host or "127.0.0.1"
+                ports = [
+                    cfg.base_port + i if cfg.base_port else free_port(host) for i in range(cfg.num_engines)
+                ]
+                servers = [
+                    EngineServer(cfg, i, host=host, port=port, log_dir=self._log_dir)
+                    for i, port in enumerate(ports)
+                ]
+            self.servers = list(servers)
+            self._start(self.servers)
+            if len(self.servers) > 1 and cfg.use_router:
+                self._start_router()
         except BaseException:
             self.shutdown()
             raise
 
-    def _server(self, i: int, port: int, model_path: str | None = None) -> ManagedProcess:
-        cmd = server_command(self.cfg, model_path or self.cfg.model_path, port)
-        return ManagedProcess(
-            f"sglang engine {i} (port {port})",
-            cmd,
-            server_env(self.cfg),
-            self._log_dir / f"engine{i}.log",
-            f"http://{self.cfg.host}:{port}/health_generate",
+    def _start(self, servers: list) -> None:
+        """Start the servers and wait until each is healthy.
+
+        On CPU one after the other: SGLang sizes its pools from the memory that disappears while it
+        loads, and a neighbour loading at the same time makes that look like its own.
+        """
+        if self.cfg.device == "cpu":
+            for s in servers:
+                s.start()
+                s.wait_healthy(self.cfg.startup_timeout_s)
+            return
+        for s in servers:
+            s.start()
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(lambda s: s.wait_healthy(self.cfg.startup_timeout_s), servers))
+
+    def _start_router(self) -> None:
+        """sglang-router in front of every engine, on this process's machine (only it sends requests)."""
+        cfg = self.cfg
+        host = "127.0.0.1"
+        port = cfg.router_port or free_port(host)
+        rcfg = replace(cfg, host=host)
+        self.router = ManagedProcess(
+            "sglang-router",
+            router_command(rcfg, port, self.engine_urls),
+            server_env(cfg),
+            self._log_dir / "router.log",
+            f"http://{host}:{port}/health",
         )
+        self.router.start()
+        self.router.wait_healthy(cfg.startup_timeout_s)
+        self._wait_router_workers(cfg.startup_timeout_s)
 
     def _wait_router_workers(self, deadline_s: float) -> None:
         """Until the router lists every engine as healthy (its /health answers before it knows any).
@@ -232,7 +247,7 @@ class SGLangEngine:
     def engine_urls(self) -> list[str]:
         if self._attached_urls is not None:
             return list(self._attached_urls)
-        return [s.health_url.rsplit("/", 1)[0] for s in self.servers]
+        return [s.url for s in self.servers]
 
     @property
     def url(self) -> str:
@@ -249,13 +264,16 @@ class SGLangEngine:
         self._aborting = False
         results: list[Sample | None] = [None] * len(prompts)
         chunks = [list(range(lo, min(lo + self.cfg.batch_size, len(prompts)))) for lo in range(0, len(prompts), self.cfg.batch_size)]  # fmt: skip
-        sem = asyncio.Semaphore(self.cfg.max_inflight)
+        # Every request at once unless capped: SGLang's scheduler queues and batches them itself.
+        inflight = self.cfg.max_inflight or len(chunks)
+        sem = asyncio.Semaphore(inflight)
         stats = {"retries": 0}
         t0 = time.perf_counter()
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s)
         monitor = asyncio.create_task(self._watch_engines())
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
+            connector = aiohttp.TCPConnector(limit=inflight)  # aiohttp's default caps at 100
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
                 await asyncio.gather(
                     *(self._run_chunk(session, sem, idx, prompts, params, results, stats) for idx in chunks)
                 )
@@ -275,6 +293,7 @@ class SGLangEngine:
                 "rollout/tokens_per_s": tokens / dt if dt > 0 else 0.0,
                 "rollout/retries": stats["retries"],
                 "rollout/engine_restarts": sum(self._restarts),
+                "rollout/max_inflight_requests": inflight,
             }
         )
         return results  # type: ignore[return-value]
@@ -288,7 +307,7 @@ class SGLangEngine:
         delay = self.cfg.retry_backoff_s
         for attempt in range(self.cfg.max_retries + 1):
             if self._aborting:
-                raise RolloutError("rollout aborted")
+                raise RolloutAborted("rollout aborted")
             async with sem:
                 url = self._next_url()
                 try:
@@ -313,13 +332,19 @@ class SGLangEngine:
             delay *= 2
 
     async def _watch_engines(self, every_s: float = 1.0) -> None:
-        """Restart a dead engine as soon as its process is gone, even while the router hides it."""
-        if self._attached_urls is not None:
-            return
+        """Once a second: abort the rollout if `abort_check()` asks (a preemption); restart a dead
+        engine as soon as its process is gone, even while the router hides it."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every_s)
-            if not all(s.alive() for s in self.servers):
-                self._kick_recovery()
+            if self.abort_check is not None and not self._aborting and self.abort_check():
+                log.warning("aborting the running rollout (abort requested, e.g. preemption)")
+                await loop.run_in_executor(None, self.abort)
+                continue
+            if self._attached_urls is None:
+                alive = await loop.run_in_executor(None, lambda: all(s.alive() for s in self.servers))
+                if not alive:
+                    self._kick_recovery()
 
     def _kick_recovery(self) -> None:
         """Run `recover()` in a background thread unless one is already running."""
@@ -380,15 +405,10 @@ class SGLangEngine:
                     raise RolloutError(f"{s.name} died and may not be restarted; log tail:\n{s.log_tail()}")
                 self._restarts[i] += 1
                 log.warning("%s died; restarting from %s", s.name, self._latest_checkpoint)
-                s.stop(grace_s=1.0)  # whatever is left of its group
-                port = int(s.health_url.split(":")[-1].split("/")[0])
-                new = self._server(i, port, self._latest_checkpoint)
-                new.start()
-                new.wait_healthy(self.cfg.startup_timeout_s)
+                s.restart(self._latest_checkpoint, self.cfg.startup_timeout_s)
                 if self._latest_checkpoint_version:
                     http_json(f"{self.engine_urls[i]}/update_weight_version",
                               {"new_version": str(self._latest_checkpoint_version), "abort_all_requests": False})  # fmt: skip
-                self.servers[i] = new
                 self._group = None  # the broadcast group lost a member: rebuild it at the next sync
             if self.router is not None:
                 if not self.router.alive():
@@ -623,12 +643,17 @@ class SGLangEngine:
     def resume(self) -> None:
         self._control("continue_generation", {})
 
-    def release_memory(self) -> None:
-        """Give the KV cache and weights' device memory back (needs torch_memory_saver on GPU)."""
-        self._control("release_memory_occupation", {})
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Give device memory back: `tags` of "weights", "kv_cache", "cuda_graph" (None: all).
 
-    def resume_memory(self) -> None:
-        self._control("resume_memory_occupation", {})
+        On GPU this needs the servers started with `--enable-memory-saver` (colocated engines are);
+        released weights are gone, not kept: the next sync fills them again.
+        """
+        self._control("release_memory_occupation", {"tags": list(tags)} if tags else {})
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Take back what `release_memory(tags)` gave (None: all)."""
+        self._control("resume_memory_occupation", {"tags": list(tags)} if tags else {})
 
     def health(self) -> bool:
         if self._attached_urls is not None:

@@ -2,7 +2,7 @@
 
 `save` writes the actor (model, optimizer, LR schedule, RNG, the controller) and the trainer state
 (prompt sampler, engine generators, counters, running statistics) into `checkpoints/step_N.partial/`
-and commits it (`pipeline/checkpoint.py`). `resume` loads the newest one that passes `checkpoint.latest_loadable` (a bad newer one is
+and commits it (`pipeline/checkpoint.py`). The caller syncs the resumed weights into the engines. `resume` loads the newest one that passes `checkpoint.latest_loadable` (a bad newer one is
 skipped with a warning, never deleted), drops metrics
 lines after its step and re-syncs the engines.
 """
@@ -14,7 +14,6 @@ import time
 
 from pipeline import checkpoint
 from pipeline.errors import TrainingError
-from pipeline.step.sync import sync
 
 log = logging.getLogger("pipeline.train")
 
@@ -44,7 +43,8 @@ def save(job, m: dict | None = None) -> None:
 
 
 def resume(job) -> bool:
-    """Continue from the newest complete checkpoint; False if there is none."""
+    """Continue from the newest loadable checkpoint; False if there is none. The engines still serve
+    the start-up weights: the caller syncs step `job.step`'s."""
     found, skipped = checkpoint.latest_loadable(job.run_dir / "checkpoints")
     if skipped:  # never deleted: a later save at that step moves it aside to step_N.bad
         why = checkpoint.describe_skipped(skipped)
@@ -77,7 +77,6 @@ def resume(job) -> bool:
         job.controller.load_state_dict(extra["controller"])
     state.step = step
     job.metrics.truncate_after(step)
-    sync(job, version=step)
     log.info("resumed from %s (step %d)", path, step)
     print(f"[pipeline] resumed from {path} (step {step})", flush=True)
     return True

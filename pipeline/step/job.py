@@ -2,8 +2,9 @@
 
 `Job(cfg)` does everything that needs no process: the start-up checks (`pipeline/preflight.py`: model,
 tokenizer, layout, prompts; then the token budget against the longest prompt), the run directory,
-the reward workers; `job.start()` starts Ray, one Ray actor per Megatron rank and the
-rollout engines, then calls the hooks named in `trainer.hooks` (extension points; the tests install
+the reward workers; `job.start()` starts Ray, one Ray actor per Megatron rank and one per
+rollout engine (each on its own placement bundles) and the colocated memory phases
+(`pipeline/cluster/phases.py`: who holds the GPUs, the engines or the actor), then calls the hooks named in `trainer.hooks` (extension points; the tests install
 their fault injection this way). `job.shutdown()` stops what `start` started, also after a start
 that failed half-way.
 """
@@ -67,7 +68,7 @@ class Job:
         )
         self.state = RunState()
         self.metrics: MetricsLogger | None = None
-        self.actors = self.rollout = self.pg = None
+        self.actors = self.rollout = self.layout = self.phases = None
 
     @property
     def step(self) -> int:
@@ -77,19 +78,20 @@ class Job:
         """Ray, the Megatron ranks and the engines; then the hooks of `trainer.hooks`."""
         from pipeline.cluster import placement
         from pipeline.cluster.actor_group import ActorGroup
-        from pipeline.cluster.ray_env import init_ray, ray_gpus
+        from pipeline.cluster.phases import MemoryPhases
+        from pipeline.cluster.ray_env import init_ray
         from pipeline.cluster.rollout_group import RolloutGroup
 
         cfg, t = self.cfg, self.cfg.trainer
-        sglang = cfg.rollout.engine == "sglang"
 
-        def plan(gpus: bool):  # SGLang: one owner actor starts every server on its node
-            return placement.plan(
+        def plan(gpus_per_node: int) -> placement.Layout:  # one Ray actor per engine, on its own bundles
+            return placement.layout(
                 t.world_size,
-                1 if sglang else cfg.rollout.num_engines,
-                cfg.rollout.tp_size * cfg.rollout.num_engines if sglang else 1,
+                cfg.rollout.num_engines,
+                cfg.rollout.tp_size,
                 colocate=cfg.rollout.colocate,
-                gpus=gpus,
+                gpus_per_node=gpus_per_node,
+                actor_tp=cfg.actor.tp,
                 engine_cpus=cfg.rollout.engine_cpus,
             )
 
@@ -100,19 +102,29 @@ class Job:
             config=dataclasses.asdict(cfg),
         )
         with tqdm(total=3, desc="starting Ray, Megatron ranks, engines", leave=False) as bar:
-            local_gpus = torch.cuda.is_available()
-            cpus = t.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(plan(local_gpus).required_cpus))
+            local = plan(torch.cuda.device_count())
+            cpus = t.ray_num_cpus or max(os.cpu_count() or 1, math.ceil(local.required_cpus))
             init_ray(t.ray_address, num_cpus=cpus)
             # GPUs as the Ray cluster has them (the driver itself may see none under srun --overlap)
-            self.plan = plan(ray_gpus() > 0)
-            self.pg = placement.create(self.plan)
+            self.layout = placement.create(plan(placement.cluster_gpus_per_node()))
+            for note in self.layout.notes:
+                log.warning("placement differs from the plan: %s", note)
             bar.update(1)
             self.actors = ActorGroup(
-                cfg.actor, cfg.actor.model_path, self.pg, self.plan, reference=self.needs.reference
+                cfg.actor, cfg.actor.model_path, self.layout, reference=self.needs.reference
             )
+            if cfg.rollout.colocate and cfg.actor.offload:
+                self.actors.offload()  # the engines start on GPUs the actor has left
             bar.update(1)
             self.rollout = RolloutGroup(
-                cfg.rollout, self.pg, self.plan, seed=t.seed, eos_token_ids=[self.tokenizer.eos_token_id]
+                cfg.rollout,
+                self.layout,
+                seed=t.seed,
+                eos_token_ids=[self.tokenizer.eos_token_id],
+                log_dir=str(self.run_dir / "logs" / "rollout"),
+            )
+            self.phases = MemoryPhases(
+                self.actors, self.rollout, colocate=cfg.rollout.colocate, offload=cfg.actor.offload
             )
             bar.update(1)
         for name in t.hooks:
@@ -128,8 +140,8 @@ class Job:
             self.rollout.shutdown()
         if self.actors is not None:
             self.actors.shutdown()
-        if self.pg is not None:
-            ray.util.remove_placement_group(self.pg)
+        if self.layout is not None:
+            ray.util.remove_placement_group(self.layout.pg)
         self.reward_pool.close()
 
 

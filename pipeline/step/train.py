@@ -23,11 +23,9 @@ log = logging.getLogger("pipeline.train")
 
 def train(job, batch: Batch, old: dict, m: dict) -> bool:
     """Optimizer steps on `batch`; True if any was applied. `old` is the old forward (telemetry)."""
-    cfg, t, state = job.cfg, job.cfg.trainer, job.state
+    t, state = job.cfg.trainer, job.state
     loss_cfg = loss_config(job)
     parts = batch.split(min(t.mini_batches_per_step, len(batch) // job.actors.dp_size))
-    if cfg.rollout.colocate:
-        job.rollout.release_memory()  # the engines' memory goes back while the actor trains
     updates, applied = [], 0
     t0 = time.perf_counter()
     with timed(m, "update"):
@@ -37,8 +35,6 @@ def train(job, batch: Batch, old: dict, m: dict) -> bool:
                 updates.append(u)
                 applied += bool(u.get("update_successful")) and not u.get("nonfinite")
     seconds = time.perf_counter() - t0
-    if cfg.rollout.colocate:
-        job.rollout.resume_memory()
     skipped = sum(bool(u.get("nonfinite")) for u in updates)
     state.nan_streak = state.nan_streak + 1 if skipped else 0
     m.update(_mean_metrics(updates, prefix="actor/"))

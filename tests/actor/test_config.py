@@ -35,6 +35,13 @@ def test_layout_errors_name_the_field_and_what_works(kwargs, world, match):
         check_layout(ActorConfig(**kwargs), QWEN, world_size=world)
 
 
+def test_full_recompute_of_more_layers_than_a_chunk_has_is_refused():
+    cfg = ActorConfig(pp=2, vpp=3, recompute_granularity="full", recompute_num_layers=5)
+    with pytest.raises(ConfigError, match=r"recompute_num_layers=5: at most the 4 layers of one model chunk"):
+        check_layout(cfg, QWEN, world_size=2)
+    check_layout(ActorConfig(pp=2, vpp=3, recompute_granularity="full", recompute_num_layers=4), QWEN, 2)
+
+
 @pytest.mark.parametrize(
     "tp, world, works",
     [
@@ -65,6 +72,19 @@ def test_unsupported_architecture_lists_the_supported_ones():
         (dict(dtype="fp8"), r"actor\.dtype='fp8'"),
         (dict(lr_decay_style="cosine", lr_warmup_steps=10, lr_decay_steps=5), r"lr_warmup_steps=10"),
         (dict(tp=0), r"actor\.tp=0"),
+        (dict(sequence_parallel=True), r"actor\.sequence_parallel=true needs actor\.tp >= 2"),
+        (dict(recompute_granularity="some"), r"actor\.recompute_granularity='some'.*'selective', 'full'"),
+        (dict(recompute_method="all"), r"actor\.recompute_method='all'"),
+        (dict(recompute_num_layers=0), r"actor\.recompute_num_layers=0"),
+        (
+            dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+            r"recompute_modules=\['layernorm'\].*Transformer Engine",
+        ),
+        (dict(overlap_param_gather=True), r"overlap_param_gather=true needs .*overlap_grad_reduce=true"),
+        (
+            dict(overlap_param_gather=True, overlap_grad_reduce=True, use_distributed_optimizer=False),
+            r"use_distributed_optimizer=true",
+        ),
     ],
 )
 def test_field_errors(kwargs, match):

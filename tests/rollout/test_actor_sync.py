@@ -81,3 +81,44 @@ def test_actor_weights_reach_the_server_over_gloo(server, tmp_path, tp, seed, ve
     print(f"TP{tp}: {metrics['sync/tensors']} tensors, {metrics['sync/mb']:.2f} MB, "
           f"{metrics['sync/mb_per_s']:.1f} MB/s; probe max |engine - actor| = {worst:.2e}")  # fmt: skip
     assert worst <= 1e-4 and versions == [version]
+
+
+def _colocated_worker(rank, world_size, layout, hf_dir, urls, cfg, version):
+    """The colocated path: every rank builds the buckets, the engine's rank hands them over in SGLang's
+    flattened-bucket format (by value on CPU, as a CUDA IPC handle on a GPU)."""
+    from megatron.core import parallel_state as ps
+
+    from pipeline.actor.config import ActorConfig
+    from pipeline.actor.export import export_hf_buckets
+    from pipeline.actor.model import read_hf_config
+    from pipeline.rollout.cuda_ipc import ColocatedSync
+
+    actor = setup_actor(ActorConfig(max_tokens_per_micro_batch=2 * S, **layout), hf_dir)
+    batch = probe_batch()
+    trainer = actor.compute_log_prob(batch, entropy=False)["log_prob"]  # every rank takes part
+    trainer = trainer[batch.loss_mask.bool()].view(B, R)  # each sample's response tokens
+    sync = ColocatedSync([[0]], urls, rank)  # the CPU server as the engine on rank 0's device
+    sync.begin()
+    nbytes = sum(
+        sync.push(bucket, version)
+        for bucket in export_hf_buckets(actor, read_hf_config(hf_dir), bucket_bytes=16 << 10, everywhere=True)
+    )
+    sync.end()
+    result = None
+    if rank == 0:
+        engine = SGLangEngine.attach(cfg, urls)
+        worst = engine.verify(batch.tokens.view(B, S).tolist(), [S - R] * B, trainer.tolist())
+        samples = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))
+        result = (worst, nbytes, [s.weight_version for s in samples])
+    ps.destroy_model_parallel()
+    return result
+
+
+@pytest.mark.parametrize("layout, seed, version", [(dict(tp=2), 3, 3), (dict(pp=2), 4, 4)])
+def test_colocated_sync_hands_buckets_over_as_handles(server, tmp_path, layout, seed, version):
+    hf_dir = tiny_actor_model(tmp_path / "actor", seed=seed)
+    worst, nbytes, versions = run_distributed(
+        _colocated_worker, 2, layout, hf_dir, server.engine_urls, server.cfg, version
+    )[0]
+    print(f"{layout}: {nbytes / 1e6:.2f} MB in 16 KiB buckets; probe max |engine - actor| = {worst:.2e}")
+    assert worst <= 1e-4 and versions == [version] and nbytes > 0

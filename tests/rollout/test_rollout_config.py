@@ -66,3 +66,43 @@ def test_mismatch_metrics():
     assert m["mismatch/logprob_max_abs"] == 0.5 and math.isclose(m["mismatch/logprob_mean_abs"], 0.25)
     assert m["mismatch/kl_k3"] > 0
     assert logprob_mismatch([[-1.0]], [[-1.0]])["mismatch/kl_k3"] == 0.0
+
+
+def test_gpu_engines_see_only_their_gpus_and_release_memory_when_colocated():
+    cfg = RolloutConfig(
+        model_path="m", device="cuda", tp_size=2, python="/env/bin/python", sync_method="tensor"
+    )
+    cmd = server_command(cfg, "m", 30001, host="10.0.0.7", gpus=[4, 5], memory_saver=True)
+    assert cmd[0] == "/env/bin/python" and cmd[cmd.index("--host") + 1] == "10.0.0.7"
+    assert cmd[cmd.index("--base-gpu-id") + 1] == "0" and "--enable-memory-saver" in cmd
+    assert "--device" not in cmd and "--disable-cuda-graph" not in cmd
+    env = server_env(cfg, [4, 5])
+    assert env["CUDA_VISIBLE_DEVICES"] == "4,5" and "SGLANG_USE_CPU_ENGINE" not in env
+    plain = server_command(RolloutConfig(model_path="m"), "m", 1)
+    assert "--base-gpu-id" not in plain and "--enable-memory-saver" not in plain
+    assert plain[plain.index("--host") + 1] == "127.0.0.1"  # "" outside Ray: loopback
+
+
+def test_servers_inherit_the_whole_environment_of_their_parent(monkeypatch):
+    monkeypatch.setenv("PIPELINE_JOB_ID", "job-42")  # what a job reaper marks the job's processes with
+    env = server_env(RolloutConfig(model_path="m", env={"EXTRA": "1"}), [0])
+    assert env["PIPELINE_JOB_ID"] == "job-42" and env["EXTRA"] == "1" and env["PATH"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), r"rollout.python: set the interpreter of the SGLang environment"),
+        (dict(python="p"), r"sync_method=distributed with rollout.colocate=true on GPUs.*NCCL refuses"),
+        (dict(python="p", colocate=False, sync_method="tensor"), r"CUDA IPC handles only reach"),
+        (dict(python="p", sync_method="disk"), r"sync_method=disk on a cluster needs rollout.sync_dir"),
+        (dict(python="p", device="gpu"), r"rollout.device='gpu'"),
+    ],
+)
+def test_gpu_configs_that_cannot_work_are_refused_at_load(kwargs, match):
+    with pytest.raises(RolloutConfigError, match=match):
+        RolloutConfig(**{"model_path": "m", "engine": "sglang", "device": "cuda", **kwargs}).validate()
+    ok = {"model_path": "m", "engine": "sglang", "device": "cuda", "python": "p"}
+    RolloutConfig(**ok, sync_method="tensor").validate()
+    RolloutConfig(**ok, colocate=False).validate()
+    RolloutConfig(**ok, sync_method="disk", sync_dir="/shared/sync").validate()

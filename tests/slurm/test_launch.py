@@ -105,6 +105,77 @@ def test_submit_refuses_what_cannot_run(tmp_path):
     assert dry_run(tmp_path, "--nodes", "0").returncode == 2
 
 
+R7 = str(REPO / "configs" / "qwen2.5-7b_dapo_clip_cov.yaml")
+
+
+def submit_cli(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": path} if path is not None else None
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "submit", *args], cwd=REPO, capture_output=True, text=True, env=env
+    )
+
+
+def test_submit_without_sbatch_exits_2_with_one_line_and_writes_no_job_file(tmp_path):
+    """Regression (issue 16 item 12): a missing sbatch was a traceback after the job file was written."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"trainer:\n  run_dir: {tmp_path / 'run'}\n")
+    r = submit_cli("--config", str(recipe), "--nodes", "1", "--entry", "tests.slurm.standin_driver",
+                   path=str(Path(sys.executable).parent))  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "submit: sbatch is not on PATH: run this on a Slurm login node (or --dry-run)"
+    ]
+    assert not list(tmp_path.rglob("*.sbatch")) and r.stdout == ""
+
+
+def test_submit_runs_the_plans_checks_first(tmp_path):
+    out = f"trainer.run_dir={tmp_path / 'run'}"
+    r = submit_cli("--config", R7, "--nodes", "2", "--dry-run", out)  # a GPU recipe, --gpus-per-node 0
+    assert r.returncode == 2 and "rollout.device=cuda but --gpus-per-node=0" in r.stderr, r.stderr
+    r = submit_cli("--config", R7, "--nodes", "1", "--gpus-per-node", "8", "--dry-run", out)
+    assert r.returncode == 2 and "need 16 GPUs; 1 node(s) x 8 GPUs = 8: use --nodes 2" in r.stderr
+    r = submit_cli("--config", R7, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", out,
+                   "actor.offload=false", "actor.sequence_parallel=false", "rollout.mem_fraction_static=0.75")  # fmt: skip
+    assert r.returncode == 2 and "GiB per GPU, more than 95% of 80 GiB" in r.stderr
+    r = submit_cli("--config", R7, "--nodes", "2", "--gpus-per-node", "8", "--dry-run", out)
+    assert r.returncode == 0, r.stderr
+    assert "export GPUS_PER_NODE=8" in r.stdout and "#SBATCH --gres=gpu:8" in r.stdout
+    assert not list(tmp_path.rglob("*.sbatch"))
+
+
+def test_container_option_puts_every_step_in_the_named_container(tmp_path):
+    """The rendered job with stub `srun`/`scontrol` on PATH: every srun carries the pyxis options."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"trainer:\n  run_dir: {tmp_path / 'run'}\n")
+    rendered = dry_run(tmp_path, "--nodes", "2", "--container-image", "/img/rl.sqsh",
+                       "--container-mounts", "/shared:/shared", "--node-ip", "127.0.0.1").stdout  # fmt: skip
+    assert "export RL_CONTAINER_IMAGE=/img/rl.sqsh" in rendered
+    bin_dir, log = tmp_path / "bin", tmp_path / "srun.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho n1; echo n2\n")
+    # srun: record the arguments; play the node script's part (address, head.ready), succeed.
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {log}\n'
+        'case "$*" in *node-ip*) echo "127.0.0.1 lo" ;; *" head"*) echo 127.0.0.1:1 > "$RAY_LOG_DIR/head.ready"; exec sleep 300 ;;'
+        " *worker*) exec sleep 300 ;; esac\n"
+    )
+    (bin_dir / "fakepython").write_text("#!/bin/bash\nexit 0\n")  # the cluster wait
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(rendered.replace("export RL_PYTHON=", f"export RL_PYTHON={bin_dir / 'fakepython'} #"))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2", "WATCH_S": "1"}  # fmt: skip
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 5, calls  # address, head, workers, driver, the logs collected at the end
+    for call in calls:
+        assert "--container-image=/img/rl.sqsh --container-name=rl-4242" in call, call
+        assert f"--container-workdir={REPO}" in call and "--container-mounts=/shared:/shared" in call
+
+
 def test_time_limit_parsing():
     t = submit.time_limit_seconds
     assert (t("30"), t("10:00"), t("24:00:00"), t("2-00:00:00"), t("1-12"), t("UNLIMITED")) == (
@@ -246,6 +317,10 @@ def test_one_node_job_completes_with_metrics_and_checkpoint(slurm_cluster, tmp_p
     assert "head ready at 127.0.0.1" in job.log("ray-head.log")
     assert "ready: 1/1 nodes, 2/2 CPUs" in job.log("wait.log")
     assert "[standin] done at step 3" in job.log("driver.log")
+    kept = job.run_dir / "slurm" / f"{job.id}-r0" / "ray-logs-0"  # Ray's session logs, kept
+    assert (kept / "raylet.out").exists() and (kept / "gcs_server.out").exists(), sorted(
+        kept.parent.iterdir()
+    )
     time.sleep(2)
     assert no_ray_left(slurm_cluster) == []
 

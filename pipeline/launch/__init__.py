@@ -1,0 +1,1 @@
+"""Launching: the plan (placement and memory) checked before anything starts, and Slurm submission."""
