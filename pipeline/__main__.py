@@ -11,13 +11,18 @@ from pathlib import Path
 
 
 def _prepare_demo_model(cfg) -> None:
-    """Make the tiny demo model first when the recipe asks for it and it does not exist yet."""
+    """Make the recipe's tiny model first when the recipe asks for it and it does not exist yet.
+
+    Its seed is the tool's own (or one in `make_tiny_model_args`), not `trainer.seed`: runs of
+    several seeds share one model, whichever of them makes it."""
     out = cfg.trainer.make_tiny_model_dir
     if not out or (Path(out) / "model" / "config.json").exists():
         return
     tool = Path(__file__).resolve().parents[1] / "tools" / "make_tiny_model.py"
-    print(f"[pipeline] {out}/model does not exist: making the tiny demo model (a few minutes on 2 cores)")
-    subprocess.run([sys.executable, str(tool), "--out-dir", out, "--seed", str(cfg.trainer.seed)], check=True)
+    print(f"[pipeline] {out}/model does not exist: making the tiny model (a few minutes on 2 cores)")
+    subprocess.run(
+        [sys.executable, str(tool), "--out-dir", out, *cfg.trainer.make_tiny_model_args], check=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

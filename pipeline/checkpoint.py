@@ -238,6 +238,7 @@ RESUME_MAY_CHANGE = frozenset(
         "trainer.wandb_project",
         "trainer.run_dir",
         "trainer.make_tiny_model_dir",
+        "trainer.make_tiny_model_args",
         "trainer.ray_address",
         "trainer.ray_num_cpus",
         "trainer.sync_bucket_mb",

@@ -10,7 +10,8 @@ from pipeline.errors import ConfigError
 @dataclass(kw_only=True, slots=True)
 class TrainerConfig:
     run_dir: str = "runs/demo"  # metrics.jsonl, tensorboard/, checkpoints/, config.json
-    make_tiny_model_dir: str | None = None  # CPU demo: make the tiny model here first if missing
+    make_tiny_model_dir: str | None = None  # CPU recipes: make the tiny model here first if missing
+    make_tiny_model_args: list[str] = field(default_factory=list)  # its options, e.g. [--task, countdown]
     steps: int = 40  # RL steps (rollout + updates + sync)
     prompts_per_step: int = 16  # prompt groups trained on per step (after dynamic sampling)
     samples_per_prompt: int = 8  # responses per prompt (GRPO group size)
