@@ -230,7 +230,7 @@ def _cell(r: dict, key: str, fmt: str = ".3f") -> str:
 
 
 def table(results: list[dict]) -> str:
-    k = results[0]["pass_k"]
+    k = int(results[0]["pass_k"])  # a mean over seeds: a float
     head = ["method", "seeds", "acc start", "acc end", f"pass@{k} start", f"pass@{k} end", "train acc end",
             "H start", "H end", "H min", "steps to H/2", "law held-out a, b, R²", "law training a, b, R²",
             "dH pred~meas r", "selected / mini-batch (share)"]  # fmt: skip

@@ -112,7 +112,8 @@ def test_compare_aggregates_seeds_as_mean_and_spread(tmp_path):
     assert agg["entropy_end_sd"] == pytest.approx(math.sqrt(sum((e - mean) ** 2 for e in ends) / 2))
     one = compare_methods.aggregate("g", [compare_methods.summarize("g", fake_run(tmp_path / "g", 0.1))])
     text = compare_methods.table([agg, one])
-    row_m, row_g = text.splitlines()[2:4]
+    head, _, row_m, row_g = text.splitlines()[:4]
+    assert "| pass@4 start | pass@4 end |" in head  # k, not the seeds' mean 4.0
     assert row_m.startswith("| m | 3 |") and " ± " in row_m and "(2/3)" in row_m
     assert row_g.startswith("| g | 1 |") and " ± " not in row_g and "| 11 |" in row_g
 
