@@ -211,13 +211,15 @@ def _reap(driver: int, job: str) -> None:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     session = _session(driver)
+    if session == os.getsid(0):  # never the reaper's own session (it starts one of its own)
+        session = None
     known, scanned = _watch(driver)
-    since = scanned - int(SCAN_INTERVAL_S * os.sysconf("SC_CLK_TCK"))  # a tick of slack between clocks
+    since = scanned - int(SCAN_INTERVAL_S * os.sysconf("SC_CLK_TCK"))  # one scan interval of slack
 
     def targets(table):
         noted = {p for p, t in known.items() if p in table and table[p][1] == t}
         roots = noted | set(marked_pids(JOB_MARKER, job))
-        if session is not None and session != os.getsid(0):
+        if session is not None:
             roots |= orphans_since(session, since, table)
         return roots | descendants(roots, table)
 
