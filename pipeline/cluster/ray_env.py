@@ -43,10 +43,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         )
     else:
         ray.init(address=address, runtime_env={"env_vars": worker_env}, log_to_driver=True)
-
-
-def ray_gpus() -> float:
-    """GPUs in the Ray cluster this process is connected to."""
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0))
