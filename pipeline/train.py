@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, preemption
 from pipeline.errors import TrainingError
+from pipeline.metrics import timed
 from pipeline.rollout import RolloutAborted
 from pipeline.step import Job, advantages, evaluate, generate, log_probs, resume, save, sync, train
 
@@ -36,9 +37,8 @@ def run(cfg) -> str:
         job.start()  # Ray, the Megatron ranks, the engines (and the hooks of trainer.hooks)
         job.phases.training()  # colocated: the engines hand the GPUs to the actor
         resume(job)  # the newest loadable checkpoint, else the HF weights the engines loaded too
-        job.phases.rollout(
-            lambda: sync(job, version=job.step), moved=True
-        )  # the first sync proves the mapping
+        # the engines' turn, with the resumed (or their own start-up) weights: the first sync proves the mapping
+        job.phases.rollout(partial(sync, job, version=job.step), moved=True)
         preemption.install()
         if job.step == 0:
             m = {
@@ -60,7 +60,8 @@ def run(cfg) -> str:
                 return preempted(job)
             batch = advantages(job, samples, m)  # the packed batch, advantages over whole groups
             if batch is not None:
-                job.phases.training()  # colocated: the engines hand the GPUs to the actor
+                with timed(m, "to_training"):
+                    job.phases.training()  # colocated: the engines hand the GPUs to the actor
                 batch, old = log_probs(job, batch, m)  # the old (and reference) policy's log-probs
                 applied = train(job, batch, old, m)  # optimizer steps; True if any was applied
                 version = job.step + 1 if applied else job.state.weight_version  # (colocated: refill)
