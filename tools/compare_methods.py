@@ -78,6 +78,7 @@ METHODS: dict[str, list[str]] = {
         "loss.clip_ratio_high=0.2",
         "loss.clip_ratio_c=null",
         "entropy_control.enabled=true",
+        "entropy_control.target=0.4",  # the paper's 0.2 is below where GRPO ends here (docs/results.md)
     ],  # fmt: skip
     "top20_entropy": [  # arXiv 2506.01939: DAPO (0.2/0.28, c = 10), gradient on the top 20 % entropy
         "loss.method=ppo",
