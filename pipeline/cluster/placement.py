@@ -2,9 +2,12 @@
 
     colocated     the engines share the actor's devices: engine e runs on the devices of ranks
                   [e*tp, (e+1)*tp) (the same physical GPUs, asserted). The phases alternate (rollout,
-                  then training) and each side releases its memory while the other runs.
-    disaggregated the engines get devices of their own, after the actor's: rollout and training can
-                  overlap in time; weights travel between them after every step.
+                  then training): the engines release their memory while the actor trains, and the
+                  actor moves its state to host memory while the engines generate only with
+                  `actor.offload` (`pipeline/cluster/phases.py`).
+    disaggregated the engines get devices of their own, after the actor's. The loop is still
+                  sequential (the engines idle while the actor trains); weights travel to them after
+                  every step that changed them.
 
 Two halves, the same numbering:
 
