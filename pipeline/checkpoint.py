@@ -14,8 +14,9 @@ to `step_N.bad`), and pruning keeps the newest `keep_last` checkpoints that pass
 
 `config.json` in the run directory is the config the run was started (or last resumed) with. A
 resume with a config that differs in more than `RESUME_MAY_CHANGE` is refused before anything
-starts (`check_resume_config`), unless `trainer.allow_config_change=true`; then `adopt_config`
-keeps the old file as `config.step_N.json` beside the new one. Nothing overwrites it silently.
+starts (`check_resume_config`), unless `trainer.allow_config_change=true`. `adopt_config` keeps an
+old file that differs in any field as `config.step_N.json` beside the new one. Nothing overwrites it
+silently.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each component owns its dataclass in its own module (`pipeline.algorithms.config.LossConfig`, ...);
 this module assembles them into `Config` and provides the loader:
 
-    cfg = load_config("configs/demo_cpu.yaml", ["loss.method=clip_cov", "actor.tp=2"])
+    cfg = load(Config, "configs/demo_cpu.yaml", ["loss.method=clip_cov", "actor.tp=2"])
 
 Every dataclass may define `validate(self)`; it is called for the whole tree after loading and
 raises `ConfigError` naming the field (`loss.clip_ratio_low`) and what would work.

@@ -39,7 +39,7 @@ class DataConfig:
     answer_key: str | None = None  # dotted path to the ground truth; None = detect
     max_prompt_tokens: int = 512  # longer prompts are skipped (and reported)
     apply_chat_template: bool = True  # wrap string prompts as one user turn of the tokenizer's template
-    system_prompt: str | None = None  # prepended as a system turn when the chat template is used
+    system_prompt: str | None = None  # a first system turn unless the row has one (no template: first line)
     shuffle: bool = True
     seed: int = 0
 

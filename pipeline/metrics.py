@@ -91,7 +91,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def merged_metrics(run_dir: str | Path) -> dict[int, dict]:
-    """metrics.jsonl merged per step (a step may have several lines: data, eval, train, checkpoint)."""
+    """metrics.jsonl merged per step (the loop writes one line per step; older runs wrote several)."""
     out: dict[int, dict] = {}
     for row in read_metrics(run_dir):
         out.setdefault(row["step"], {}).update(row)

@@ -2,13 +2,15 @@
 
 The sbatch script is started with `--signal=B:USR1@S`: S seconds before the limit Slurm sends
 SIGUSR1 to the batch shell, which touches `$PIPELINE_PREEMPT_FILE` and forwards SIGUSR1 to the
-driver. Either one makes `requested()` true. The trainer checks it after each step:
+driver. Either one makes `requested()` true. The loop (`pipeline/train.py`) checks it after each
+step, and a running rollout aborts on it:
 
     preemption.install()                      # once, in the main thread
     ...
     if preemption.requested():
-        self.save()
-        sys.exit(preemption.REQUEUE_EXIT_CODE)   # the sbatch script requeues the job on this code
+        save(job)
+        return "preempted"   # `python -m pipeline train` exits with REQUEUE_EXIT_CODE, which the
+                             # sbatch script requeues the job on
 
 The requeued job runs the same command, which resumes from the newest complete checkpoint.
 """

@@ -74,7 +74,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 @torch.no_grad()
 def entropy_groups(entropy: torch.Tensor, mask: torch.Tensor, top: float = 0.2) -> torch.Tensor:
-    """Bool [B, L]: the top `top` fraction of valid tokens by entropy (the "forking" tokens)."""
+    """Bool, shaped like `entropy`: the top `top` fraction of valid tokens by entropy (the "forking" tokens)."""
     m = mask.bool()
     vals = entropy[m]
     if vals.numel() == 0:

@@ -26,20 +26,20 @@ class TrainerConfig:
     eval_prompts: int = 100  # held-out prompts per evaluation
     eval_samples: int = 4  # samples per eval prompt: accuracy and pass@k
     eval_temperature: float = 1.0  # sampling temperature at evaluation
-    checkpoint_every: int = 20  # steps between checkpoints (0 = never); the last step always saves
+    checkpoint_every: int = 20  # steps between checkpoints (0 = never); else the last step saves too
     keep_checkpoints: int = 2  # checkpoints kept (the newest that pass the resume check; 0 = all)
     allow_config_change: bool = (
         False  # resume even if the config changed (old one kept as config.step_N.json)
     )
-    max_nan_steps: int = 3  # steps with a non-finite loss tolerated before the run stops
-    sync_bucket_mb: int = 512  # weight-sync bucket size
+    max_nan_steps: int = 3  # steps in a row with a non-finite loss or gradient tolerated; one more stops
+    sync_bucket_mb: int = 512  # weight-sync bucket size, MiB
     sync_tolerance: float = 1e-3  # max |engine - actor| log-prob on the probe after each sync
     ray_address: str | None = None  # None = a private Ray instance on 127.0.0.1; else join it
-    ray_num_cpus: int | None = None  # CPUs Ray may use (None = all)
+    ray_num_cpus: int | None = None  # CPUs of the private Ray instance (None = all, at least the placement's)
     entropy_telemetry: bool = True  # covariance, predicted vs measured entropy change, R = -a e^H + b fit
     tensorboard: bool = True
     wandb_project: str | None = None  # W&B project; None = off
-    seed: int = 0  # prompts order, sampling, everything seeded from it
+    seed: int = 0  # prompt order, rollout and eval sampling (data, actor, loss have seeds of their own)
     hooks: list[str] = field(default_factory=list)  # "module:function"s called with the started job (tests)
 
     def validate(self) -> None:

@@ -4,8 +4,8 @@ Its input is this data-parallel rank's samples as a packed `pipeline.batch.Batch
 with `cu_seqlens`): `compute_log_prob` needs the tokens, `train_step` also `loss_mask`,
 `old_log_prob`, `advantages` (and `ref_log_prob` when the loss needs it). Samples are binned into
 micro-batches under `actor.max_tokens_per_micro_batch` (`pipeline/actor/packing.py`); each micro-batch
-is one packed row: block-diagonal causal mask and per-sequence RoPE positions on the local spec, THD
-`PackedSeqParams` with Transformer Engine. Token t's log-prob comes from the logits at t - 1 of the
+is packed: rows [k, L] of samples with a block-diagonal causal mask and per-sequence RoPE positions
+on the local spec, one THD row with `PackedSeqParams` with Transformer Engine. Token t's log-prob comes from the logits at t - 1 of the
 same sample; a sample's first token gets none (0). Every result is a flat [T] vector aligned with the
 batch's tokens.
 

@@ -26,7 +26,8 @@ node); disaggregated, each engine gets one bundle of `rollout.engine_cpus`.
 
 Engine ports: engine k of a node listens on `port_base + k`; the base is `rollout.base_port` or,
 when that is 0, a block below Linux's ephemeral range chosen from the Slurm job id, so two jobs on one
-node do not collide (`engine_port_base`). A port found busy at start moves up within the block.
+node do not collide (`engine_port_base`). A port found busy at start moves up within the block
+(or, with the block full, to any free port).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
 
-PORT_BLOCK = 40  # ports a job may use per node: engines, then the router (the last one)
+PORT_BLOCK = 40  # ports a job's engines may use per node (the router takes any free port)
 PORT_FIRST = 30000  # below the 32768 where Linux's ephemeral range starts, above Ray's 20000-29999
 PORT_BLOCKS = (32768 - PORT_FIRST) // PORT_BLOCK
 

@@ -6,7 +6,8 @@ bytes (p = parameters on the GPU, d = data-parallel size, t = actor TP, T = engi
 
   actor    weights p x 2 (bf16; 4 in fp32); gradients p x 4 (DDP reduces in fp32); optimizer p x 12 / d
            with the distributed optimizer (fp32 master copy + Adam's two moments; 8 / d in fp32),
-           p x 12 without it. p = the worst pipeline stage: its layers plus one vocabulary matrix.
+           p x 12 (8 in fp32) without it. p = the worst pipeline stage: its layers plus one
+           vocabulary matrix (two at pp = 1 with untied embeddings), / t.
   activations per layer and token, in the compute dtype: 4h (two norms' inputs and outputs) +
            (2h + 2 g d_head + 3f) / t (q, k, v and attention output; the MLP's two-part input and its
            product), with sequence parallelism all of it / t (Korthikanti et al. 2022, counted for

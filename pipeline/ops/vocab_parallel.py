@@ -376,7 +376,7 @@ def vocab_parallel_logprob_entropy(
     Args:
         logits: ``[..., V_local]``, this tensor-parallel rank's contiguous vocab shard (bf16, fp16,
             fp32 or fp64). Never modified, never upcast as a whole.
-        target: int64 global token ids ``[...]``.
+        target: int64 (or int32) global token ids ``[...]``.
         tp_group: the tensor-parallel group the vocabulary is split over; None = no TP.
         temperature: logits are divided by it first (use the rollout temperature).
         valid_vocab_size: ids ``>= valid_vocab_size`` are vocab padding and take no probability mass.

@@ -34,8 +34,9 @@ def extract_answer(response: str) -> str | None:
 
 
 def _parse(text: str):
-    # parsing_timeout=None: math-verify's default uses signal.alarm, which only works on the main
-    # thread; rewards run in worker threads and Ray actors too.
+    # parsing_timeout=None: math-verify's default uses signal.alarm, which works only on a main
+    # thread and cannot interrupt C code; the reward pool enforces the deadline from outside
+    # (pipeline/rewards/pool.py).
     return parse(
         text,
         extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],

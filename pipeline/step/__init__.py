@@ -3,7 +3,7 @@
 job = Job(cfg)                  job.py         config, data and checks; then Ray, ranks, engines
 samples = generate(job, m)      generate.py    rollout rounds, each scored (score.py), DAPO filter
 batch = advantages(job, ...)    advantages.py  the packed batch with advantages over whole groups
-batch = log_probs(job, ...)     log_probs.py   old (and reference) log-probs and entropies
+batch, old = log_probs(job, ...)  log_probs.py  old (and reference) log-probs and entropies
 applied = train(job, ...)       train.py       mini-batches -> optimizer steps (+ entropy dynamics)
 sync(job, m)                    sync.py        the engines serve the new weights, checked
 evaluate(job, m)                evaluate.py    held-out accuracy, pass@k, entropy

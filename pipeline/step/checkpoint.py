@@ -2,9 +2,9 @@
 
 `save` writes the actor (model, optimizer, LR schedule, RNG, the controller) and the trainer state
 (prompt sampler, engine generators, counters, running statistics) into `checkpoints/step_N.partial/`
-and commits it (`pipeline/checkpoint.py`). The caller syncs the resumed weights into the engines. `resume` loads the newest one that passes `checkpoint.latest_loadable` (a bad newer one is
-skipped with a warning, never deleted), drops metrics
-lines after its step and re-syncs the engines.
+and commits it (`pipeline/checkpoint.py`). `resume` loads the newest one that passes
+`checkpoint.latest_loadable` (a bad newer one is skipped with a warning, never deleted) and drops
+the metrics lines after its step; the caller then syncs the resumed weights into the engines.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The job the RL loop runs: its config, data, components and the state a checkpoint keeps.
 
-`Job(cfg)` does everything that needs no process: the start-up checks (`pipeline/preflight.py`: model,
+`Job(cfg)` does everything before Ray: the start-up checks (`pipeline/preflight.py`: model,
 tokenizer, layout, prompts; then the token budget against the longest prompt), the run directory,
-the reward workers; `job.start()` starts Ray, one Ray actor per Megatron rank and one per
+and the reward worker processes (they start in the background); `job.start()` starts Ray, one Ray actor per Megatron rank and one per
 rollout engine (each on its own placement bundles) and the colocated memory phases
 (`pipeline/cluster/phases.py`: who holds the GPUs, the engines or the actor), then calls the hooks named in `trainer.hooks` (extension points; the tests install
 their fault injection this way). `job.shutdown()` stops what `start` started, also after a start

@@ -1,7 +1,8 @@
 """sync: the engines serve the actor's weights, and a probe proves it.
 
 Megatron rank 0 streams the export generator's buckets (HF names, TP/PP gathered) straight into the
-engines as weight version `version`; then the engines' teacher-forced log-probs of a fixed probe (a
+engines as weight version `version` (colocated SGLang with `sync_method: tensor`: every rank hands
+the engine on its GPU each bucket over CUDA IPC); then the engines' teacher-forced log-probs of a fixed probe (a
 few held-out prompts with their answers) must equal the actor's within `trainer.sync_tolerance`.
 """
 
