@@ -17,8 +17,8 @@ position)) is computed from them. A padded `[B, L]` layout (row i = sequence i, 
 accepted too: it is flattened, and the plan it returns has `[B, L]` fields.
 
 `prepare_loss` sees the whole mini-batch held by this rank and computes, collectively over `dp_group`,
-every statistic that depends on the whole batch: normalisers, covariance centring, Clip-Cov candidates and
-pick, KL-Cov top-k, the top-entropy threshold, Archer's subset counts. Only the methods that select
+every statistic that depends on the whole batch: normalisers, the top-entropy threshold, and the method's
+own (its `prepare`: Clip-Cov's pick, KL-Cov's top-k, Archer's subset sizes). Only the methods that select
 tokens by the current policy need its log-probs or entropies here (`loss_needs`); ppo and cispo need only
 token counts. The statistics end up in a `LossPlan` of per-token weights, so the loss is a sum over tokens
 and
@@ -32,11 +32,11 @@ tensors passed to `prepare_loss` (call it per micro-batch to reproduce the refer
 `docs/algorithms.md` for the differences).
 
 The total loss is  sum_t pg_weight_t * l_t  +  sum_t kl_weight_t * KL_t  -  entropy_coef * sum_t weight_t * H_t
-with l_t the method's per-token loss (`pipeline/algorithms/methods/`, one module per method, and the
-registry `METHODS` there), `weight` the aggregation weight of
-`loss_agg_mode` with global normaliser, `pg_weight` = weight restricted to the tokens the policy gradient
-uses (top-entropy selection, the tokens a method drops removed). The actor multiplies by dp_size (and
-Megatron's num_microbatches) to undo gradient averaging.
+with l_t the method's per-token loss (one module per method in `pipeline/algorithms/methods/`, named
+by the registry `METHODS` there; this module calls only the hooks of its `Method`), `weight` the
+aggregation weight of `loss_agg_mode` with global normaliser, `pg_weight` = weight restricted to the
+tokens the policy gradient uses (top-entropy selection, the tokens a method drops removed). The actor
+multiplies by dp_size (and Megatron's num_microbatches) to undo gradient averaging.
 """
 
 from __future__ import annotations
@@ -467,6 +467,7 @@ def finish_metrics(cfg: LossConfig, plan: LossPlan, sums: dict[str, float]) -> d
     new, or the method's `ppo_kl`), entropy, kl (token means), by_entropy/{high,low}_clipfrac; the
     clipped fraction under the method's `clipfrac_metric`, and its `finish_metrics`.
     """
+    method = get_method(cfg.method)
     v, c = dict(sums), plan.counts
     n = c["n_tokens"]
     out = dict(plan.metrics)
@@ -474,7 +475,6 @@ def finish_metrics(cfg: LossConfig, plan: LossPlan, sums: dict[str, float]) -> d
     for name in ("pg_loss", "kl_loss", "entropy_bonus"):
         if f"{name}_sum" in v:
             out[name] = v.pop(f"{name}_sum")
-    method = get_method(cfg.method)
     out[method.clipfrac_metric] = v.pop("pg_clipped_sum") / n
     out["pg_clipfrac_lower"] = v.pop("pg_clipped_lower_sum") / n
     out["ppo_kl"] = v.pop("ppo_kl_sum") / n

@@ -208,7 +208,11 @@ def test_kl_cov_picks_exactly_k_tokens_when_covariances_tie():
         LossConfig(method="kl_cov", kl_cov_ratio=3 / 8), lp, lp, A, mask, sample_ids=torch.tensor([9, 4])
     )
     assert plan.metrics["kl_cov/selected"] == 3
-    assert plan.tensors["penalty"].nonzero().tolist() == [[1, 0], [1, 1], [1, 2]]  # smallest (sample_id, position)
+    assert plan.tensors["penalty"].nonzero().tolist() == [
+        [1, 0],
+        [1, 1],
+        [1, 2],
+    ]  # smallest (sample_id, position)
 
 
 def test_first_order_entropy_change_matches_minus_covariance():

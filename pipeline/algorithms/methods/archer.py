@@ -86,13 +86,6 @@ def validate(cfg: LossConfig) -> None:
         raise ConfigError(f"loss.archer_entropy_quantile={cfg.archer_entropy_quantile}: must be in (0, 1)")
 
 
-METHOD = Method(
-    name="archer",
-    per_token=archer_loss,
-    prepare=prepare,
-    needs_entropy=True,
-    needs_reference=needs_reference,
-    validate=validate,
-    plan_metrics=plan_metrics,
-    apply_sums=apply_sums,
-)
+METHOD = Method(name="archer", per_token=archer_loss, prepare=prepare, needs_entropy=True,
+                needs_reference=needs_reference, validate=validate, plan_metrics=plan_metrics,
+                apply_sums=apply_sums)  # fmt: skip

@@ -56,12 +56,6 @@ def validate(cfg: LossConfig) -> None:
     check_fraction("clip_cov_ratio", cfg.clip_cov_ratio)
 
 
-METHOD = Method(
-    name="clip_cov",
-    per_token=clip_cov_loss,
-    prepare=prepare,
-    needs_log_prob=True,
-    validate=validate,
-    plan_metrics=plan_metrics,
-    clipfrac_metric="ppo_clipfrac",  # pg_clipfrac is the pick's fraction (plan_metrics)
-)
+# pg_clipfrac is the pick's fraction (plan_metrics), so the PPO clip's fraction is ppo_clipfrac
+METHOD = Method(name="clip_cov", per_token=clip_cov_loss, prepare=prepare, needs_log_prob=True,
+                validate=validate, plan_metrics=plan_metrics, clipfrac_metric="ppo_clipfrac")  # fmt: skip

@@ -72,14 +72,6 @@ def validate(cfg: LossConfig) -> None:
     check_fraction("kl_cov_ratio", cfg.kl_cov_ratio, "a fraction; 0.2 percent = 0.002")
 
 
-METHOD = Method(
-    name="kl_cov",
-    per_token=kl_cov_loss,
-    prepare=prepare,
-    needs_log_prob=True,
-    validate=validate,
-    plan_metrics=plan_metrics,
-    ppo_kl=abs_log_ratio,
-    apply_sums=apply_sums,
-    finish_metrics=finish_metrics,
-)
+METHOD = Method(name="kl_cov", per_token=kl_cov_loss, prepare=prepare, needs_log_prob=True, validate=validate,
+                plan_metrics=plan_metrics, ppo_kl=abs_log_ratio, apply_sums=apply_sums,
+                finish_metrics=finish_metrics)  # fmt: skip
