@@ -12,7 +12,10 @@ whole mini-batch, never on how rows are spread over ranks or micro-batches.
   (seed, step, sample_id, position), bijective in (sample_id, position) for a fixed (seed, step).
   `token_ids` / `token_hash` take a [B] id per row and number positions by column; `flat_token_ids`
   / `flat_token_hash` take flat token vectors (a sample id and a position per token).
-* `segment_quantile` - the q-quantile of the valid entries of each sequence of a flat vector.
+* `segment_quantile` - the q-quantile of the valid entries of each sequence of a flat vector
+  (`row_quantile`: of each row of a [B, L] layout).
+* `token_covariance` - Cov(log pi, A) per token, centred over the whole mini-batch (Clip-Cov, KL-Cov,
+  telemetry).
 * `exact_quantiles` - `torch.quantile`'s linear interpolation at any size (it refuses inputs above
   2^24 elements, exactly what a 2048 x 8192-token step produces).
 """
@@ -185,6 +188,30 @@ def segment_quantile(values: torch.Tensor, valid: torch.Tensor, segments: torch.
     v_hi = ordered[(start + hi).clamp(max=last)] if ordered.numel() else pos
     out = torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, pos - lo))
     return torch.where(count > 0, out, torch.full_like(out, float("inf")))
+
+
+def row_quantile(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row q-quantile of the valid entries of a [B, L] layout, [B, 1] (`segment_quantile` per row):
+    `torch.nanquantile(dim=-1)` with padding as NaN, without its 16M-element limit. Empty rows: +inf."""
+    b, length = values.shape
+    rows = torch.arange(b, device=values.device).repeat_interleave(length)
+    return segment_quantile(values.reshape(-1), mask.reshape(-1), rows, b, q)[:, None]
+
+
+@torch.no_grad()
+def token_covariance(
+    log_prob: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, dp_group=None
+) -> torch.Tensor:
+    """Cov_t = (log pi_t - mean log pi)(A_t - mean A) (arXiv 2505.22617 §4), 0 on padding.
+
+    Means over the valid tokens of the whole mini-batch (all-reduced over `dp_group` when given).
+    Any layout: the tensors are per token.
+    """
+    m = response_mask.bool()
+    lp, adv = torch.where(m, log_prob, 0), torch.where(m, advantages, 0)
+    s_a, s_lp, n = all_reduce_sums([adv.sum(), lp.sum(), m.sum()], dp_group)
+    cov = (adv - s_a / n) * (lp - s_lp / n)
+    return torch.where(m, cov, torch.zeros_like(cov))
 
 
 @torch.no_grad()

@@ -179,7 +179,7 @@ def test_kl_cov_selects_the_top_covariance_token_and_its_penalty_is_abs_log_rati
     lp = COV_LP.clone().requires_grad_(True)
     loss, m = policy_loss(cfg, lp, COV_LP, COV_A, MASK6)
     plan = prepare_loss(cfg, COV_LP, COV_LP, COV_A, MASK6)
-    assert plan.penalty.nonzero().tolist() == [[1, 1]] and m["kl_cov/selected"] == 1
+    assert plan.tensors["penalty"].nonzero().tolist() == [[1, 1]] and m["kl_cov/selected"] == 1
     (g,) = torch.autograd.grad(loss, lp)
     assert loss.item() == pytest.approx(0.0, abs=1e-15)  # = unclipped PG on-policy
     torch.testing.assert_close(g, -COV_A / 6)  # zero penalty gradient at r = 1
@@ -208,7 +208,11 @@ def test_kl_cov_picks_exactly_k_tokens_when_covariances_tie():
         LossConfig(method="kl_cov", kl_cov_ratio=3 / 8), lp, lp, A, mask, sample_ids=torch.tensor([9, 4])
     )
     assert plan.metrics["kl_cov/selected"] == 3
-    assert plan.penalty.nonzero().tolist() == [[1, 0], [1, 1], [1, 2]]  # smallest (sample_id, position)
+    assert plan.tensors["penalty"].nonzero().tolist() == [
+        [1, 0],
+        [1, 1],
+        [1, 2],
+    ]  # smallest (sample_id, position)
 
 
 def test_first_order_entropy_change_matches_minus_covariance():
@@ -439,7 +443,7 @@ def test_archer_kl_weights_are_subset_means_over_valid_tokens_only():
     cfg = LossConfig(method="archer", archer_kl_coef_low_entropy=1.0, archer_kl_coef_high_entropy=1.0)
     plan = prepare_loss(cfg, *args, entropy=b["entropy"], ref_log_prob=b["ref_log_prob"])
     assert torch.all(plan.kl_weight[~m] == 0) and torch.all(plan.kl_weight[m] > 0)  # high ∪ low = valid
-    high = m & (plan.clip_low == 0.5)
+    high = m & (plan.tensors["clip_low"] == 0.5)
     low = m & ~high
     assert plan.kl_weight.sum().item() == pytest.approx(2.0)  # two subset means
     kl = torch.exp(b["ref_log_prob"] - b["log_prob"]) - (b["ref_log_prob"] - b["log_prob"]) - 1
@@ -503,7 +507,7 @@ def test_archer_zero_high_entropy_kl_coef_gives_no_kl_gradient_to_high_tokens():
     (g,) = torch.autograd.grad(loss, lp)
     plan = prepare_loss(cfg, b["log_prob"], b["old_log_prob"], zero_pg, b["response_mask"], entropy=b["entropy"],
                         ref_log_prob=b["ref_log_prob"])  # fmt: skip
-    high = m & (plan.clip_low == 0.5)
+    high = m & (plan.tensors["clip_low"] == 0.5)
     assert high.any() and torch.all(g[high] == 0) and torch.all(g[m & ~high] != 0)
 
 
