@@ -201,9 +201,9 @@ def test_cpu_patches_run_tp_pp_vpp_ddp_and_checkpoint_with_known_cuda_sites_only
 def test_importing_megatron_patches_patches_nothing():
     code = (
         "import torch, megatron_patches, importlib\n"
-        "for m in megatron_patches._PROXIED_MODULES:\n"
+        "for m in megatron_patches.cpu.cuda_calls_to_cpu.PROXIED_MODULES:\n"
         "    assert importlib.import_module(m).torch is torch, m\n"
-        "assert not hasattr(torch.distributed.scatter, '__wrapped_collective__')\n"
+        "assert not hasattr(torch.distributed.scatter, '__megatron_patches__')\n"
         "assert megatron_patches.applied() == [] and not megatron_patches.HITS\n"
         "print('ok')\n"
     )
