@@ -15,117 +15,27 @@ Directory written by `hf_to_torch_dist`:  metadata.json, common.pt, .metadata, _
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 import shutil
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from pipeline.actor.hf_mapping import get_mapping
 from pipeline.actor.hf_mapping.common import padded_vocab_size
 from pipeline.actor.hf_mapping.family import Dims, WeightsMismatch, check_hf_names
+from pipeline.errors import ConversionError
+from pipeline.hf_io import HFWeights, copy_side_files, read_config, read_json, torch_dtype
 
 HF_SUBDIR = "hf"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5)$|.*\.safetensors\.index\.json$")
 _LAYER0 = "decoder.layers.0."
 
 
-class ConversionError(RuntimeError):
-    """Bad input to a converter; the message says what and how to fix it."""
-
-
 # ---------------------------------------------------------------------- HF side
-
-
-class HFWeights(Mapping):
-    """Lazy `{name: tensor}` over a HF directory's safetensors, with shapes read from the headers.
-
-    Fails early on a missing shard file, or an index that names tensors a shard does not hold.
-    """
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        index = path / "model.safetensors.index.json"
-        files: dict[str, Path] = {}
-        if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConversionError(f"{index}: no 'weight_map' mapping of tensor names to shard files")
-            missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
-            if missing:
-                raise ConversionError(f"{path}: shard file(s) {missing} listed in {index.name} are missing")
-            files = {k: path / f for k, f in weight_map.items()}
-        else:
-            for f in sorted(path.glob("*.safetensors")):
-                try:
-                    with safe_open(f, framework="pt") as h:
-                        files.update(dict.fromkeys(h.keys(), f))
-                except Exception as e:  # truncated or corrupt file
-                    raise ConversionError(
-                        f"{f}: cannot read this safetensors file ({e}); is it complete?"
-                    ) from e
-        if not files:
-            raise ConversionError(f"{path}: no *.safetensors weights found")
-        self._files, self._shapes = files, {}
-        by_file: dict[Path, list[str]] = {}
-        for k, f in files.items():
-            by_file.setdefault(f, []).append(k)
-        for f, names in by_file.items():
-            try:
-                with safe_open(f, framework="pt") as h:
-                    present = set(h.keys())
-                    for n in names:
-                        if n in present:
-                            self._shapes[n] = tuple(h.get_slice(n).get_shape())
-            except Exception as e:  # truncated or corrupt shard
-                raise ConversionError(f"{f}: cannot read this shard ({e}); is it complete?") from e
-            absent = sorted(set(names) - present)
-            if absent:
-                raise ConversionError(
-                    f"{f} lacks {len(absent)} tensor(s) the index assigns to it, e.g. {absent[:3]}: partial shard?"
-                )
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def __getitem__(self, key):
-        with safe_open(self._files[key], framework="pt") as h:
-            return h.get_tensor(key)
-
-    def __iter__(self):
-        return iter(self._files)
-
-    def __len__(self):
-        return len(self._files)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or ConversionError naming the file and what is wrong with it."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConversionError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e}); is the file complete?") from None
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot be read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got a {type(data).__name__}")
-    return data
-
-
-def read_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    return read_json(path)
 
 
 def check_hf(hf: HFWeights, hf_config: dict) -> list:
@@ -204,17 +114,6 @@ def _pid_alive(pid: str) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
-
-
-def copy_hf_side_files(src: Path, dst: Path) -> list[str]:
-    """config.json, tokenizer and generation files: everything in `src` that is not weights."""
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for f in sorted(src.iterdir()):
-        if f.is_file() and not WEIGHT_FILES.match(f.name):
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
-    return copied
 
 
 # ---------------------------------------------------------------------- Megatron side
@@ -321,14 +220,11 @@ def hf_to_torch_dist(
     tolerate another padding at load, so the checkpoint loads at any TP/PP. Returns a summary.
     """
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
     from tqdm import tqdm
+
+    from pipeline.megatron_compat import to_torch_dcp_state, torch_dist_save_planner
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config = read_config(hf_dir)
@@ -336,8 +232,7 @@ def hf_to_torch_dist(
     rules = {r.megatron: r for r in check_hf(hf, hf_config)}
     dims = Dims.of(hf_config)
     padded = padded_vocab_size(dims.vocab, tp)
-    first = hf[next(iter(hf))]
-    target = DTYPES[dtype] if dtype else first.dtype
+    target = torch_dtype(dtype) if dtype else hf.dtype(next(iter(hf)))
     init_single_process()
     template = Template(hf_config, padded_vocab=padded, dtype=target)
 
@@ -352,12 +247,11 @@ def hf_to_torch_dist(
                 if name not in rules:
                     raise ConversionError(f"megatron parameter {name} has no HF mapping rule")
                 where[(sh.key, tuple(sh.global_offset))] = (name, sh.prepend_axis_num)
-    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(state, keep_only_main_replica=False)
-    pyt_state = mcore_to_pyt_state_dict(flat, False)
+    pyt_state = to_torch_dcp_state(state)
     bar = tqdm(total=len(where), desc="HF -> torch_dist", unit="tensor", disable=not progress)
     cache: dict = {}
 
-    class _LazyPlanner(MCoreSavePlanner):
+    class _LazyPlanner(torch_dist_save_planner()):
         def resolve_data(self, item):
             key = (item.index.fqn, tuple(item.tensor_data.chunk.offsets)) if item.tensor_data else None
             if key not in where:
@@ -387,7 +281,7 @@ def hf_to_torch_dist(
     }
     torch.save(common, out_dir / "common.pt")
     save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), str(out_dir))
-    copy_hf_side_files(hf_dir, out_dir / HF_SUBDIR)
+    copy_side_files(hf_dir, out_dir / HF_SUBDIR)
     return {"tensors": len(where), "padded_vocab": padded, "dtype": str(target)}
 
 
@@ -426,7 +320,7 @@ def read_torch_dist(
     dist_checkpointing cannot ask for one layer of L in a one-process group.
     """
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    from torch.distributed.checkpoint import load as dcp_load
     from tqdm import tqdm
 
     reader = FileSystemReader(str(ckpt_dir))
@@ -453,7 +347,9 @@ def read_torch_dist(
                     raise ConversionError(f"{key}: stored for {size[0]} layers, config.json says {layers}")
                 wanted[key] = ((layer,) + (0,) * (len(size) - 1), torch.empty((1, *size[1:]), dtype=dtype))
         try:
-            _load_state_dict({}, reader, no_dist=True, planner=_SlicePlanner(wanted))
+            with warnings.catch_warnings():  # no_dist=True: one process reads, whatever group exists
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp_load({}, storage_reader=reader, planner=_SlicePlanner(wanted), no_dist=True)
         except Exception as e:  # a data file whose bytes are there but do not decode
             files = sorted({i.relative_path for k, i in reader.storage_data.items() if k.fqn in wanted})
             raise ConversionError(
@@ -527,63 +423,10 @@ def stored_dtype(ckpt_dir) -> torch.dtype:
     return torch.float32
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
 def hf_layout(hf_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Every exported HF tensor's name and shape, in export order, from config.json alone."""
     rules = get_mapping(hf_config["model_type"]).rules(hf_config)
     return [(n, tuple(shape)) for r in rules if r.export for n, shape in zip(r.hf, r.hf_shapes)]
-
-
-def save_hf_shards(named: Iterator, out_dir: Path, *, layout, dtype: torch.dtype, shard_bytes: int) -> dict:
-    """Stream `(hf_name, tensor)` into model-0000k-of-0000n.safetensors (+ index) without holding a shard.
-
-    The shapes are known from config.json (`layout`, in the order `named` yields), so each shard's
-    safetensors header is written first and tensors are appended as they arrive: memory is one tensor.
-    """
-    size = torch.tensor([], dtype=dtype).element_size()
-    shards, cur, cur_bytes = [], [], 0
-    for name, shape in layout:
-        nbytes = torch.Size(shape).numel() * size
-        if cur and cur_bytes + nbytes > shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append((name, shape, nbytes))
-        cur_bytes += nbytes
-    shards.append(cur)
-    n = len(shards)
-    files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors" for k in range(n)]
-    it = iter(named)
-    weight_map, total = {}, 0
-    for fname, shard in zip(files, shards):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, nbytes in shard:
-            header[name] = {
-                "dtype": _ST_DTYPES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(out_dir / fname, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for name, shape, _ in shard:
-                got, tensor = next(it)
-                if got != name or tuple(tensor.shape) != shape:
-                    raise ConversionError(
-                        f"export order/shape mismatch: expected {name} {shape}, got {got} {tuple(tensor.shape)}"
-                    )
-                f.write(memoryview(tensor.to(dtype).contiguous().view(torch.uint8).numpy()))  # no copy
-                weight_map[name] = fname
-                total += tensor.numel() * size
-    if next(it, None) is not None:
-        raise ConversionError("the checkpoint holds more tensors than config.json implies")
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return {"shards": n, "tensors": len(weight_map), "bytes": total}
 
 
 def load_model_checkpoint(chunks, ckpt_dir) -> None:

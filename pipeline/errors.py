@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """The run cannot continue; the message says why and what to change."""
+
+
+class ConversionError(RuntimeError):
+    """Bad input files (a Hugging Face directory, a checkpoint, an output directory); the message says
+    what and how to fix it. Raised by pipeline.hf_io and the checkpoint converters."""

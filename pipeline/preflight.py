@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def check(cfg) -> Inputs:
 def check_model_dir(path: str, field: str) -> dict:
     """config.json and complete weights of a Hugging Face model directory; returns config.json."""
     from pipeline import conversion as cv
+    from pipeline import hf_io
     from pipeline.actor.hf_mapping import UnsupportedArchitecture
     from pipeline.actor.hf_mapping.family import WeightsMismatch
 
@@ -91,8 +92,8 @@ def check_model_dir(path: str, field: str) -> dict:
     if not model.is_dir():
         raise ConfigError(f"{field}={path}: not a directory (expected a Hugging Face model directory)")
     try:
-        hf_config = cv.read_config(model)
-    except cv.ConversionError as e:
+        hf_config = hf_io.read_config(model)
+    except ConversionError as e:
         raise ConfigError(f"{field}: {e}") from None
     where = f"{field}: {model / 'config.json'}"
     if not isinstance(hf_config.get("model_type"), str):
@@ -102,8 +103,8 @@ def check_model_dir(path: str, field: str) -> dict:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}: {key}={value!r}, expected a positive integer")
     try:
-        cv.check_hf(cv.HFWeights(model), hf_config)
-    except (cv.ConversionError, WeightsMismatch, UnsupportedArchitecture) as e:
+        cv.check_hf(hf_io.HFWeights(model), hf_config)
+    except (ConversionError, WeightsMismatch, UnsupportedArchitecture) as e:
         raise ConfigError(f"{field}: {e}") from None
     except KeyError as e:  # a size the architecture's mapping needs
         raise ConfigError(

@@ -126,11 +126,11 @@ def worker(args) -> dict:
 
     from pipeline.actor.actor import MegatronActor, initialize_parallel
     from pipeline.actor.config import ActorConfig
-    from pipeline.actor.model import read_hf_config
     from pipeline.actor.weights import unwrap
+    from pipeline.hf_io import read_config
     from pipeline.ops import vocab_parallel_logprob_entropy
 
-    hf = read_hf_config(args.model)
+    hf = read_config(args.model)
     cfg = ActorConfig(max_tokens_per_micro_batch=args.budget)
     initialize_parallel(cfg, hf)
     actor = MegatronActor(cfg, hf, hf_dir=args.model)

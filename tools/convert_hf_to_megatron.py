@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pipeline import conversion as cv  # noqa: E402
+from pipeline import hf_io  # noqa: E402
 
 
 def verify(hf_dir: Path, ckpt: Path, hf_config: dict) -> dict:
@@ -54,7 +55,7 @@ def verify(hf_dir: Path, ckpt: Path, hf_config: dict) -> dict:
             ours = model(ids, pos, None)[..., :vocab].float()
             ref = hf_model(input_ids=ids).logits.float()
             worst = max(worst, (ours - ref).abs().max().item())
-    hf = cv.HFWeights(hf_dir)
+    hf = hf_io.HFWeights(hf_dir)
     stored = cv.stored_dtype(ckpt)
     mismatched = [n for n, t in export_hf_weights(chunks, hf_config) if not torch.equal(t, hf[n].to(stored))]
     return {"max_logit_diff": worst, "prompts": len(prompts), "round_trip_mismatched": mismatched}
@@ -92,13 +93,13 @@ def main() -> None:
         from pipeline.actor.hf_mapping import get_mapping
         from pipeline.config import ConfigError
 
-        hf_config = cv.read_config(args.hf_dir)
+        hf_config = hf_io.read_config(args.hf_dir)
         get_mapping(hf_config.get("model_type"))  # unknown architecture: fail before anything else
         try:
             check_layout(ActorConfig(tp=args.tp, pp=args.pp), hf_config, args.tp * args.pp)
         except ConfigError as e:
             raise cv.ConversionError(str(e)) from None
-        cv.check_hf(cv.HFWeights(args.hf_dir), hf_config)  # missing/partial shards, names, shapes first
+        cv.check_hf(hf_io.HFWeights(args.hf_dir), hf_config)  # missing/partial shards, names, shapes first
         t0 = time.perf_counter()
         with cv.staged_out_dir(args.out_dir, args.force, {"--hf-dir": args.hf_dir}) as out:
             summary = cv.hf_to_torch_dist(

@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import conversion as cv  # noqa: E402
+from pipeline import hf_io  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
             raise cv.ConversionError(
                 f"no config.json in {side}; pass --hf-config-dir with the HF model's files"
             )
-        hf_config = cv.read_config(side)
+        hf_config = hf_io.read_config(side)
         get_mapping(hf_config.get("model_type"))
         inputs = {"--ckpt-dir": args.ckpt_dir} | ({"--hf-config-dir": side} if args.hf_config_dir else {})
         cv.check_out_dir(args.out_dir, args.force, inputs)  # every input checked before megatron loads
@@ -62,14 +63,14 @@ def main() -> None:
                 hf_config,
                 te=True,
             )
-            stats = cv.save_hf_shards(
+            stats = hf_io.save_hf_shards(
                 named,
                 out,
                 layout=cv.hf_layout(hf_config),
                 dtype=dtype,
                 shard_bytes=args.shard_size_mb * 1024**2,
             )
-            cv.copy_hf_side_files(side, out)
+            hf_io.copy_side_files(side, out)
             config = json.loads((out / "config.json").read_text())
             config["torch_dtype"] = str(dtype).removeprefix("torch.")
             (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -40,10 +40,11 @@ from megatron.core.transformer.module import Float16Module
 
 from pipeline.actor import packing
 from pipeline.actor.config import ActorConfig, check_layout
-from pipeline.actor.model import DTYPES, build_model, sequence_multiple, uses_transformer_engine
+from pipeline.actor.model import build_model, sequence_multiple, uses_transformer_engine
 from pipeline.actor.offload import HostOffload
 from pipeline.actor.weights import load_hf_weights, unwrap
 from pipeline.batch import Batch
+from pipeline.hf_io import torch_dtype
 from pipeline.ops import vocab_parallel_logprob_entropy
 
 
@@ -83,7 +84,7 @@ class MegatronActor:
         # except under the interleaved schedule, where rows are padded to one length (packing.py).
         self.pad_rows = cfg.virtual_stages > 1
         self.config.variable_seq_lengths = cfg.pp > 1 and not self.pad_rows
-        dtype = DTYPES[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         if dtype != torch.float32:
             chunks = [Float16Module(self.config, c) for c in chunks]
         ddp_config = DistributedDataParallelConfig(
@@ -287,7 +288,7 @@ class MegatronActor:
 
     def _run_schedule(self, micro_batches: list[dict], loss_fn, *, forward_only: bool):
         """Run `micro_batches` through the pipeline schedule; returns the last stage's loss outputs."""
-        fwd_kwargs = {} if DTYPES[self.cfg.dtype] == torch.float32 else {"fp32_output": False}
+        fwd_kwargs = {} if torch_dtype(self.cfg.dtype) == torch.float32 else {"fp32_output": False}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.actor.hf_mapping import MAPPINGS, SUPPORTED
 from pipeline.errors import ConfigError
+from pipeline.hf_io import DTYPES
 
-# Hugging Face `model_type`s whose layout pipeline/actor/hf_mapping knows.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-DTYPES = ("float32", "bfloat16", "float16")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
@@ -142,37 +141,23 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-ROPE_SCALINGS = ("default", "linear", "llama3")
-
-
 def check_model_features(hf_config: dict) -> None:
-    """Raise ConfigError for a config.json feature the Megatron model cannot express exactly."""
-    if hf_config.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"actor.model_path: hidden_act={hf_config['hidden_act']!r}; supported: 'silu'")
-    scaling = hf_config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ROPE_SCALINGS:
+    """Raise ConfigError for an architecture, or a config.json feature of it, that the Megatron model
+    cannot express exactly (the family description in pipeline/actor/hf_mapping decides)."""
+    arch = hf_config.get("model_type")
+    if arch not in MAPPINGS:
         raise ConfigError(
-            f"actor.model_path: rope_scaling type {kind!r} is not supported; supported: {list(ROPE_SCALINGS)}"
+            f"actor.model_path: model_type={arch!r} is not supported; supported: "
+            f"{list(SUPPORTED)} (add a mapping in pipeline/actor/hf_mapping)"
         )
-    if hf_config.get("model_type") != "qwen2":
-        attn, mlp = bool(hf_config.get("attention_bias", False)), bool(hf_config.get("mlp_bias", False))
-        if attn != mlp:
-            raise ConfigError(
-                f"actor.model_path: attention_bias={attn} with mlp_bias={mlp} is not expressible in "
-                "megatron-core (add_bias_linear covers both); supported: both true or both false"
-            )
+    problem = MAPPINGS[arch].unsupported(hf_config)
+    if problem:
+        raise ConfigError(f"actor.model_path: {problem}")
 
 
 def check_layout(cfg: ActorConfig, hf_config: dict, world_size: int) -> None:
     """Raise ConfigError if `cfg`'s layout cannot run `hf_config` on `world_size` processes."""
     cfg.validate()
-    arch = hf_config.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(
-            f"actor.model_path: model_type={arch!r} is not supported; supported: "
-            f"{list(SUPPORTED_ARCHITECTURES)} (add a mapping in pipeline/actor/hf_mapping)"
-        )
     check_model_features(hf_config)
     heads = hf_config["num_attention_heads"]
     kv = hf_config.get("num_key_value_heads") or heads

@@ -2,35 +2,26 @@
 
 Covers the Llama family as Hugging Face writes it: Llama 2/3 (RoPE scaling "linear"/"llama3"),
 Mistral, Qwen2/Qwen2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm, explicit `head_dim`): GQA, RMSNorm,
-SwiGLU, tied or untied embeddings, the vocab padded to a multiple of 128 x TP. The layer spec is
-chosen in `layer_spec` only. Call after `parallel_state.initialize_model_parallel`.
+SwiGLU, tied or untied embeddings, the vocab padded to a multiple of 128 x TP. What differs between
+families (biases, q/k norm, activation, ...) is read from the family's description in
+`pipeline.actor.hf_mapping`, never decided here. The layer spec is chosen in `layer_spec` only.
+Call after `parallel_state.initialize_model_parallel`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 from megatron.core.transformer import TransformerConfig
 
 from pipeline.actor.config import ActorConfig, check_model_features
+from pipeline.actor.hf_mapping import get_mapping
 from pipeline.actor.hf_mapping.common import padded_vocab_size
 from pipeline.errors import ConfigError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_hf_config(path: str | Path) -> dict:
-    """`config.json` of a HF model directory (or the file itself) as a dict."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    return json.loads(path.read_text())
+from pipeline.hf_io import torch_dtype
 
 
 def uses_transformer_engine(choice: str = "auto") -> bool:
@@ -47,26 +38,19 @@ def uses_transformer_engine(choice: str = "auto") -> bool:
 
 def layer_spec(hf_config: dict, choice: str = "auto"):
     """The one place that picks the transformer-layer spec (TE on CUDA when importable, else local)."""
-    qk_norm = hf_config.get("model_type") == "qwen3"
+    family = get_mapping(hf_config["model_type"])
     if uses_transformer_engine(choice):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
-
-
-def _biases(hf_config: dict) -> tuple[bool, bool]:
-    """(add_qkv_bias, add_bias_linear) for megatron from the HF flags."""
-    if hf_config["model_type"] == "qwen2":
-        return True, False
-    attn = bool(hf_config.get("attention_bias", False))  # == mlp_bias (check_model_features)
-    return attn, attn
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=family.qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=family.qk_norm, normalization=family.normalization
+    )
 
 
 def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
     """Megatron `TransformerConfig` for `hf_config` under `cfg`'s layout and dtype."""
     check_model_features(hf_config)
     heads = hf_config["num_attention_heads"]
-    add_qkv_bias, add_bias_linear = _biases(hf_config)
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     return TransformerConfig(
         num_layers=hf_config["num_hidden_layers"],
         hidden_size=hf_config["hidden_size"],
@@ -74,13 +58,7 @@ def transformer_config(hf_config: dict, cfg: ActorConfig) -> TransformerConfig:
         num_attention_heads=heads,
         num_query_groups=hf_config.get("num_key_value_heads") or heads,
         kv_channels=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-        normalization="RMSNorm",
-        layernorm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_qkv_bias=add_qkv_bias,
-        add_bias_linear=add_bias_linear,
-        qk_layernorm=hf_config["model_type"] == "qwen3",
+        **get_mapping(hf_config["model_type"]).megatron_flags(hf_config),
         init_method_std=hf_config.get("initializer_range", 0.02),
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,

@@ -7,48 +7,18 @@ into the parameter. Every parameter must be loaded exactly once; anything else i
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
-from safetensors import safe_open
 
 from pipeline.actor.hf_mapping import get_mapping
 from pipeline.actor.hf_mapping.common import tp_shard
 from pipeline.actor.hf_mapping.family import Dims, check_hf_names, read_hf
+from pipeline.hf_io import HFWeights
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-
-
-class SafetensorsDir(Mapping):
-    """Read-only, lazy `{name: tensor}` view of the ``*.safetensors`` files of a directory."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            files = {}
-            for f in sorted(path.glob("*.safetensors")):
-                with safe_open(f, framework="pt") as h:
-                    files.update(dict.fromkeys(h.keys(), f))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors in {path}")
-        self._files = files
-
-    def __getitem__(self, key):
-        with safe_open(self._files[key], framework="pt") as h:
-            return h.get_tensor(key)
-
-    def __iter__(self):
-        return iter(self._files)
-
-    def __len__(self):
-        return len(self._files)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -78,7 +48,7 @@ def load_hf_weights(chunks, hf_dir: str | Path, hf_config: dict) -> int:
     layers from the (memory-mapped) safetensors; every HF name is still checked against config.json.
     """
     models = [unwrap(c) for c in chunks]
-    hf = SafetensorsDir(hf_dir)
+    hf = HFWeights(hf_dir)
     mapping = get_mapping(hf_config["model_type"])
     rules = {r.megatron: r for r in mapping.rules(hf_config, te=is_te_naming(chunks))}
     check_hf_names(hf.keys(), list(rules.values()), hf_config["model_type"])

@@ -67,9 +67,9 @@ class ActorWorker:
         from megatron.core import parallel_state as ps
 
         from pipeline.actor.actor import MegatronActor, initialize_parallel
-        from pipeline.actor.model import read_hf_config
+        from pipeline.hf_io import read_config
 
-        self.hf_config = read_hf_config(hf_dir)
+        self.hf_config = read_config(hf_dir)
         initialize_parallel(actor_cfg, self.hf_config)
         self.actor = MegatronActor(actor_cfg, self.hf_config, hf_dir=hf_dir)
         if reference:  # the initial weights are the frozen reference policy, also after a resume

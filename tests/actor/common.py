@@ -40,12 +40,12 @@ def setup_actor(cfg, hf_dir, *, load_weights: bool = True):
 
     import megatron_patches
     from pipeline.actor.actor import MegatronActor, initialize_parallel
-    from pipeline.actor.model import read_hf_config
+    from pipeline.hf_io import read_config
 
     megatron_patches.apply(megatron_patches.CPU_PATCHES)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    hf_config = read_hf_config(hf_dir)
+    hf_config = read_config(hf_dir)
     initialize_parallel(cfg, hf_config)
     return MegatronActor(cfg, hf_config, hf_dir=hf_dir if load_weights else None)
 

@@ -153,11 +153,14 @@ def test_hf_mapping_round_trip_is_exact():
         assert back.keys() == hf.keys() and all(torch.equal(back[k], hf[k]) for k in hf)
 
 
-def test_config_and_weight_mappings_support_the_same_architectures():
-    from pipeline.actor.config import SUPPORTED_ARCHITECTURES
+def test_config_check_accepts_exactly_the_families_with_a_weight_mapping():
     from pipeline.actor.hf_mapping import SUPPORTED
 
-    assert set(SUPPORTED_ARCHITECTURES) == set(SUPPORTED)
+    assert set(SUPPORTED) == {"llama", "mistral", "qwen2", "qwen3"}
+    for arch in SUPPORTED:
+        check_layout(ActorConfig(), {**QWEN, "model_type": arch}, world_size=1)
+    with pytest.raises(ConfigError, match=r"model_type='gpt2' is not supported; supported: \['llama', "):
+        check_layout(ActorConfig(), {**QWEN, "model_type": "gpt2"}, world_size=1)
 
 
 @pytest.mark.parametrize(

@@ -22,16 +22,16 @@ IDS = torch.tensor([[3, 17, 249, 5, 88, 120, 7, 200, 64, 1, 33, 248]])
 def _convert_all(dirs: dict, root: Path) -> dict:
     """HF -> torch_dist -> HF for every model, in one subprocess (one import of megatron)."""
     code = (
-        "import json, sys; from pathlib import Path; from pipeline import conversion as cv\n"
+        "import json, sys; from pathlib import Path; from pipeline import conversion as cv, hf_io\n"
         "from pipeline.actor.export import megatron_to_hf_stream\n"
         "dirs, root = json.loads(sys.argv[1]), Path(sys.argv[2])\n"
         "for name, hf_dir in dirs.items():\n"
         "    ckpt, back = root / (name + '.ckpt'), root / (name + '.hf')\n"
         "    cv.hf_to_torch_dist(hf_dir, ckpt, tp=2, progress=False)\n"
-        "    cfg = cv.read_config(hf_dir); back.mkdir()\n"
-        "    cv.save_hf_shards(megatron_to_hf_stream(cv.read_torch_dist(ckpt, cfg, progress=False), cfg, te=True),\n"
+        "    cfg = hf_io.read_config(hf_dir); back.mkdir()\n"
+        "    hf_io.save_hf_shards(megatron_to_hf_stream(cv.read_torch_dist(ckpt, cfg, progress=False), cfg, te=True),\n"
         "                      back, layout=cv.hf_layout(cfg), dtype=cv.stored_dtype(ckpt), shard_bytes=100_000)\n"
-        "    cv.copy_hf_side_files(ckpt / 'hf', back)\n"
+        "    hf_io.copy_side_files(ckpt / 'hf', back)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(dirs), str(root)],
@@ -78,7 +78,8 @@ def _load_worker(rank, world_size, ckpts):
     from pipeline.actor.config import ActorConfig
     from pipeline.actor.export import export_hf_weights
     from pipeline.actor.model import build_model
-    from pipeline.conversion import load_model_checkpoint, read_config
+    from pipeline.conversion import load_model_checkpoint
+    from pipeline.hf_io import read_config
 
     megatron_patches.apply(megatron_patches.CPU_PATCHES)
     out = {}
@@ -103,13 +104,13 @@ def _load_worker(rank, world_size, ckpts):
 def test_converted_checkpoint_loads_at_tp1_tp2_pp2_with_hf_logits_and_converts_back_bit_exact(tmp_path):
     import transformers
 
-    from pipeline.actor.weights import SafetensorsDir
+    from pipeline.hf_io import HFWeights
 
     dirs = make_models(tmp_path)
     paths = _convert_all(dirs, tmp_path)
     results = run_distributed(_load_worker, 2, {n: c for n, (c, _) in paths.items()})
     for name, hf_dir in dirs.items():
-        hf = SafetensorsDir(hf_dir)
+        hf = HFWeights(hf_dir)
         with torch.no_grad():
             ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(
                 input_ids=IDS
@@ -127,7 +128,7 @@ def test_converted_checkpoint_loads_at_tp1_tp2_pp2_with_hf_logits_and_converts_b
             )
         # the offline export: several shards + index, bit-exact, loadable by transformers
         back_dir = Path(paths[name][1])
-        back = SafetensorsDir(back_dir)
+        back = HFWeights(back_dir)
         assert (back_dir / "model.safetensors.index.json").exists()
         assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf), name
         assert (back_dir / "config.json").exists()
@@ -151,6 +152,7 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
 
     from pipeline import conversion as cv
     from pipeline.actor.hf_mapping.family import WeightsMismatch
+    from pipeline.hf_io import HFWeights
 
     d = make_models(tmp_path, ["qwen2_tied_gqa2"])["qwen2_tied_gqa2"]
     # unknown architecture, through the CLI: the supported ones are listed, exit status 2
@@ -165,7 +167,7 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
     with pytest.raises(cv.ConversionError, match="--force"):
         cv.check_out_dir(d, force=False, inputs={})
     # sharded checkpoint with a missing shard, and one with a partial shard
-    hf = dict(cv.HFWeights(d).items())
+    hf = dict(HFWeights(d).items())
     names = sorted(hf)
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -174,17 +176,17 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
     wm = {n: "a.safetensors" for n in names[:10]} | {n: "b.safetensors" for n in names[10:]}
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     with pytest.raises(cv.ConversionError, match=r"b\.safetensors lacks .* partial shard"):
-        cv.HFWeights(sharded)
+        HFWeights(sharded)
     (sharded / "b.safetensors").unlink()
     with pytest.raises(cv.ConversionError, match=r"\['b\.safetensors'\] .* missing"):
-        cv.HFWeights(sharded)
+        HFWeights(sharded)
     # config and weights that disagree: the tensor and both shapes
     cfg = json.loads((Path(d) / "config.json").read_text())
     with pytest.raises(
         WeightsMismatch,
         match=r"mlp\.gate_proj\.weight: config\.json implies shape \(80, 64\), the weights have \(96, 64\)",
     ):
-        cv.check_hf(cv.HFWeights(d), dict(cfg, intermediate_size=80))
+        cv.check_hf(HFWeights(d), dict(cfg, intermediate_size=80))
 
 
 # ---------------------------------------------------------------------- nothing lost (issue 16 items 1, 12)

@@ -18,14 +18,15 @@ def build_loaded(layout: dict, hf_dir: str):
     import megatron_patches
     from pipeline.actor.actor import initialize_parallel
     from pipeline.actor.config import ActorConfig
-    from pipeline.actor.model import build_model, read_hf_config
+    from pipeline.actor.model import build_model
     from pipeline.actor.weights import load_hf_weights
+    from pipeline.hf_io import read_config
 
     megatron_patches.apply(megatron_patches.CPU_PATCHES)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     cfg = ActorConfig(**layout)
-    hf_config = read_hf_config(hf_dir)
+    hf_config = read_config(hf_dir)
     initialize_parallel(cfg, hf_config)
     chunks = build_model(hf_config, cfg)
     load_hf_weights(chunks, hf_dir, hf_config)
@@ -53,12 +54,12 @@ def _export_worker(rank, world_size, dirs):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_export_generator_yields_exactly_the_hf_state_dict_at_tp2_and_pp2(tmp_path):
-    from pipeline.actor.weights import SafetensorsDir
+    from pipeline.hf_io import HFWeights
 
     dirs = make_models(tmp_path)
     results = run_distributed(_export_worker, 2, dirs)
     for name, hf_dir in dirs.items():
-        hf = SafetensorsDir(hf_dir)
+        hf = HFWeights(hf_dir)
         for layout in LAYOUTS:
             key = (name, tuple(layout.items()))
             assert results[1][key] == [], "only global rank 0 yields"

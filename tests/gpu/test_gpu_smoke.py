@@ -49,12 +49,12 @@ def _actor(hf_dir, **kwargs):
 
     from pipeline.actor.actor import MegatronActor, initialize_parallel
     from pipeline.actor.config import ActorConfig
-    from pipeline.actor.model import read_hf_config
+    from pipeline.hf_io import read_config
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     cfg = ActorConfig(micro_batch_size=2, **kwargs)
-    hf = read_hf_config(hf_dir)
+    hf = read_config(hf_dir)
     initialize_parallel(cfg, hf)
     return MegatronActor(cfg, hf, hf_dir=hf_dir)
 
@@ -146,7 +146,7 @@ def test_sglang_serves_on_the_gpu_and_releases_its_memory(server):
 
 def test_cuda_ipc_sync_from_the_actor_on_the_same_gpu(world, server, tmp_path):
     from pipeline.actor.export import export_hf_buckets
-    from pipeline.actor.model import read_hf_config
+    from pipeline.hf_io import read_config
     from pipeline.rollout.cuda_ipc import ColocatedSync
 
     hf_dir = str(make_tiny_hf(tmp_path / "actor", "qwen2", seed=6))
@@ -155,7 +155,7 @@ def test_cuda_ipc_sync_from_the_actor_on_the_same_gpu(world, server, tmp_path):
     trainer = actor.compute_log_prob(batch, entropy=False)["log_prob"]
     sync = ColocatedSync([[0]], server.engine_urls, 0)
     sync.begin()
-    for bucket in export_hf_buckets(actor, read_hf_config(hf_dir), bucket_bytes=1 << 16, everywhere=True):
+    for bucket in export_hf_buckets(actor, read_config(hf_dir), bucket_bytes=1 << 16, everywhere=True):
         sync.push(bucket, 7)
     sync.end()
     worst = server.verify(batch["input_ids"].tolist(), [8] * 4, trainer.tolist(), tolerance=1e-3)

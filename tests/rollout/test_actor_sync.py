@@ -39,13 +39,13 @@ def _sync_worker(rank, world_size, tp, hf_dir, urls, cfg, version):
 
     from pipeline.actor.config import ActorConfig
     from pipeline.actor.export import export_hf_weights
-    from pipeline.actor.model import read_hf_config
+    from pipeline.hf_io import read_config
 
     actor = setup_actor(ActorConfig(tp=tp, max_tokens_per_micro_batch=2 * S), hf_dir)
     batch = probe_batch()
     trainer = actor.compute_log_prob(batch, entropy=False)["log_prob"]  # every rank takes part
     trainer = trainer[batch.loss_mask.bool()].view(B, R)  # each sample's response tokens
-    stream = export_hf_weights(actor, read_hf_config(hf_dir))  # every rank drives it; rank 0 yields
+    stream = export_hf_weights(actor, read_config(hf_dir))  # every rank drives it; rank 0 yields
     result = None
     if rank == 0:
         engine = SGLangEngine.attach(cfg, urls)
@@ -90,7 +90,7 @@ def _colocated_worker(rank, world_size, layout, hf_dir, urls, cfg, version):
 
     from pipeline.actor.config import ActorConfig
     from pipeline.actor.export import export_hf_buckets
-    from pipeline.actor.model import read_hf_config
+    from pipeline.hf_io import read_config
     from pipeline.rollout.cuda_ipc import ColocatedSync
 
     actor = setup_actor(ActorConfig(max_tokens_per_micro_batch=2 * S, **layout), hf_dir)
@@ -101,7 +101,7 @@ def _colocated_worker(rank, world_size, layout, hf_dir, urls, cfg, version):
     sync.begin()
     nbytes = sum(
         sync.push(bucket, version)
-        for bucket in export_hf_buckets(actor, read_hf_config(hf_dir), bucket_bytes=16 << 10, everywhere=True)
+        for bucket in export_hf_buckets(actor, read_config(hf_dir), bucket_bytes=16 << 10, everywhere=True)
     )
     sync.end()
     result = None

@@ -86,10 +86,10 @@ def _export_everywhere(rank, world_size, hf_dir, layout):
 
     from pipeline.actor.config import ActorConfig
     from pipeline.actor.export import export_hf_weights
-    from pipeline.actor.model import read_hf_config
+    from pipeline.hf_io import read_config
 
     actor = setup_actor(ActorConfig(**layout), hf_dir)
-    hf = read_hf_config(hf_dir)
+    hf = read_config(hf_dir)
     mine = [(n, t.clone()) for n, t in export_hf_weights(actor, hf, everywhere=True)]
     plain = [(n, t.clone()) for n, t in export_hf_weights(actor, hf)]
     ps.destroy_model_parallel()

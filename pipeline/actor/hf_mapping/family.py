@@ -1,7 +1,9 @@
-"""The Llama-style decoder layout shared by every family we support, as a table of rules.
+"""The Llama-style decoder shared by every family we support: its flags and its table of weight rules.
 
 A family module (llama.py, mistral.py, qwen2.py, qwen3.py) declares only how it differs: which
-biases exist and whether q/k are normalised. `Family.rules(hf_config)` lists, in checkpoint order
+biases exist and whether q/k are normalised. The `Family` is the one description of an architecture:
+the actor builds megatron's `TransformerConfig` and layer spec from `megatron_flags(hf_config)` and
+`qk_norm`, refuses what `unsupported(hf_config)` names, and `Family.rules(hf_config)` lists, in checkpoint order
 (embedding, layer 0 .. L-1, final norm, output layer), one `Rule` per Megatron tensor: its global
 Megatron name, the HF tensors it is made of with the shapes `config.json` implies, and the layout
 transform between them. Import, export, the converters and live weight sync all walk this table, so a
@@ -14,8 +16,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from pipeline.actor.hf_mapping.common import interleave_qkv, pad_vocab, split_qkv
+
+# config.json's `hidden_act` -> the function megatron's gated MLP applies (SwiGLU: silu).
+ACTIVATIONS = {"silu": F.silu}
+# RoPE scalings whose frequencies pipeline.actor.model.rope_inv_freq computes as transformers does.
+ROPE_SCALINGS = ("default", "linear", "llama3")
 
 
 class WeightsMismatch(ValueError):
@@ -81,23 +89,63 @@ class Dims:
 
 @dataclass(frozen=True)
 class Family:
-    """One architecture family: which optional tensors exist (None = read the config's flag)."""
+    """One architecture family: which optional tensors exist (None = read the config's flag) and the
+    model features megatron is built with. Pre-norm decoder with a gated MLP and RoPE throughout."""
 
     model_type: str
     qkv_bias: bool | None = None  # None: config["attention_bias"]
     o_bias: bool | None = None  # None: config["attention_bias"]
     mlp_bias: bool | None = None  # None: config["mlp_bias"]
-    qk_norm: bool = False
+    qk_norm: bool = False  # per-head norm of q and k (megatron's qk_layernorm)
+    normalization: str = "RMSNorm"  # megatron's name; epsilon from config["rms_norm_eps"]
+    activations: tuple[str, ...] = ("silu",)  # the config["hidden_act"] values supported
+    rope_scalings: tuple[str, ...] = ROPE_SCALINGS  # config["rope_scaling"] types supported
 
     def _flag(self, value: bool | None, hf_config: dict, key: str) -> bool:
         return bool(hf_config.get(key, False)) if value is None else value
 
+    def biases(self, hf_config: dict) -> tuple[bool, bool, bool]:
+        """Whether (q/k/v, the output projection, the MLP) have biases in this `hf_config`."""
+        return (
+            self._flag(self.qkv_bias, hf_config, "attention_bias"),
+            self._flag(self.o_bias, hf_config, "attention_bias"),
+            self._flag(self.mlp_bias, hf_config, "mlp_bias"),
+        )
+
+    def unsupported(self, hf_config: dict) -> str | None:
+        """What in `hf_config` megatron cannot express exactly (None: everything can)."""
+        act = hf_config.get("hidden_act", "silu")
+        if act not in self.activations:
+            return f"hidden_act={act!r}; supported: {', '.join(map(repr, self.activations))}"
+        scaling = hf_config.get("rope_scaling") or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in self.rope_scalings:
+            return f"rope_scaling type {kind!r} is not supported; supported: {list(self.rope_scalings)}"
+        _, o_bias, mlp_bias = self.biases(hf_config)
+        if o_bias != mlp_bias:
+            return (
+                f"attention_bias={o_bias} with mlp_bias={mlp_bias} is not expressible in "
+                "megatron-core (add_bias_linear covers both); supported: both true or both false"
+            )
+        return None
+
+    def megatron_flags(self, hf_config: dict) -> dict:
+        """The `TransformerConfig` fields this family decides (the sizes come from `Dims`)."""
+        qkv_bias, o_bias, _ = self.biases(hf_config)  # MLP bias == o_bias (`unsupported`)
+        return dict(
+            normalization=self.normalization,
+            layernorm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
+            gated_linear_unit=True,
+            activation_func=ACTIVATIONS[hf_config.get("hidden_act", "silu")],
+            add_qkv_bias=qkv_bias,
+            add_bias_linear=o_bias,
+            qk_layernorm=self.qk_norm,
+        )
+
     def rules(self, hf_config: dict, *, te: bool = False) -> list[Rule]:
         d = Dims.of(hf_config)
         h, q, kv, f = d.hidden, d.heads * d.head_dim, d.groups * d.head_dim, d.ffn
-        qkv_bias = self._flag(self.qkv_bias, hf_config, "attention_bias")
-        o_bias = self._flag(self.o_bias, hf_config, "attention_bias")
-        mlp_bias = self._flag(self.mlp_bias, hf_config, "mlp_bias")
+        qkv_bias, o_bias, mlp_bias = self.biases(hf_config)
         attn_norm, mlp_norm = (
             ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")
             if te  # Transformer Engine fuses the pre-norms into the following linear layer

@@ -3,4 +3,3 @@
 from pipeline.actor.hf_mapping.family import Family
 
 FAMILY = Family("llama")
-rules, hf_to_megatron, megatron_to_hf = FAMILY.rules, FAMILY.hf_to_megatron, FAMILY.megatron_to_hf
