@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 
 from pipeline.rollout.base import RolloutAborted, RolloutError, Sample, SamplingParams
-from pipeline.rollout.server import ServerError, http_json
+from pipeline.rollout.server import ServerError, http_json, post_checked
 
 log = logging.getLogger(__name__)
 
@@ -239,17 +239,9 @@ class EngineClient:
     # ---- control ------------------------------------------------------------------------------
     def control(self, endpoint: str, payload: dict, *, urls: list[str] | None = None, timeout: float = 600.0):
         """POST to every engine at once; raise ServerError naming the engine that refused."""
-
-        def one(url):
-            status, body = http_json(f"{url}/{endpoint}", payload, timeout=timeout)
-            ok = status == 200 and not (isinstance(body, dict) and body.get("success") is False)
-            if not ok:
-                raise ServerError(f"{url}/{endpoint} answered HTTP {status}: {body}")
-            return body
-
         urls = urls or self.urls
         with ThreadPoolExecutor(len(urls)) as pool:
-            return list(pool.map(one, urls))
+            return list(pool.map(lambda url: post_checked(url, endpoint, payload, timeout=timeout), urls))
 
     def pause(self) -> None:
         """Stop scheduling; running requests are retracted and continue after resume()."""

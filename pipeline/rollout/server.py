@@ -50,6 +50,14 @@ def http_json(url: str, payload: dict | None = None, *, timeout: float = 60.0, m
         return status, body.decode(errors="replace")
 
 
+def post_checked(url: str, endpoint: str, payload: dict, *, timeout: float = 600.0):
+    """POST a control request to one server; ServerError naming it unless it answered success."""
+    status, body = http_json(f"{url}/{endpoint}", payload, timeout=timeout)
+    if status != 200 or (isinstance(body, dict) and body.get("success") is False):
+        raise ServerError(f"{url}/{endpoint} answered HTTP {status}: {body}")
+    return body
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
