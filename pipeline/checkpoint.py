@@ -242,7 +242,7 @@ RESUME_MAY_CHANGE = frozenset(
         "trainer.make_tiny_model_args",
         "trainer.ray_address",
         "trainer.ray_num_cpus",
-        "trainer.sync_bucket_mb",
+        "trainer.sync_tolerance",  # a check of the sync, not what it computes
         "trainer.allow_config_change",
         "actor.max_tokens_per_micro_batch",  # how samples are packed, not what is computed
         # memory and overlap switches: the same numbers (tests/actor/test_scale_switches.py), what a
@@ -271,6 +271,7 @@ RESUME_MAY_CHANGE = frozenset(
         "rollout.max_restarts",
         "rollout.sync_master_addr",
         "rollout.sync_master_port",
+        "rollout.bucket_bytes",  # how the weights travel, not their values
     }
 )
 

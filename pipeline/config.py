@@ -152,12 +152,23 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys that were removed with the key that replaced them: a recipe that still sets one is refused
+# with a pointer to the new one (one knob per thing).
+REPLACED = {
+    "trainer.sync_bucket_mb": "rollout.bucket_bytes (in bytes: 512 MB = 536870912)",
+    "rollout.verify_tolerance": "trainer.sync_tolerance",
+}
+
+
 def _build(cls, data: dict, where: str = ""):
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
+        for u in unknown:
+            if prefix + u in REPLACED:
+                raise ConfigError(f"{prefix + u} was replaced by {REPLACED[prefix + u]}; set that instead")
         raise ConfigError(
             f"unknown field(s) {', '.join(prefix + u for u in unknown)}; "
             f"{cls.__name__} has: {', '.join(sorted(names))}"

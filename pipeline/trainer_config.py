@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
+from pipeline.rollout.verify import SYNC_TOLERANCE
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,8 +33,7 @@ class TrainerConfig:
         False  # resume even if the config changed (old one kept as config.step_N.json)
     )
     max_nan_steps: int = 3  # steps in a row with a non-finite loss or gradient tolerated; one more stops
-    sync_bucket_mb: int = 512  # weight-sync bucket size, MiB
-    sync_tolerance: float = 1e-3  # max |engine - actor| log-prob on the probe after each sync
+    sync_tolerance: float = SYNC_TOLERANCE  # max |engine - actor| log-prob of the probe, every engine
     ray_address: str | None = None  # None = a private Ray instance on 127.0.0.1; else join it
     ray_num_cpus: int | None = None  # CPUs of the private Ray instance (None = all, at least the placement's)
     entropy_telemetry: bool = True  # covariance, predicted vs measured entropy change, R = -a e^H + b fit

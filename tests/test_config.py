@@ -41,6 +41,11 @@ def test_the_rollout_engines_default_to_the_actors_model():
         (["rollout.engine=vllm"], "rollout.engine='vllm': one of"),
         (["rollout.engine=sglang", "actor.temperature=0.7"], "teacher-forced log-probs"),
         (["trainer.stepz=3"], "unknown field(s) trainer.stepz"),
+        (["trainer.sync_bucket_mb=64"], "trainer.sync_bucket_mb was replaced by rollout.bucket_bytes"),
+        (
+            ["rollout.verify_tolerance=1e-3"],
+            "rollout.verify_tolerance was replaced by trainer.sync_tolerance",
+        ),
     ],
 )
 def test_bad_combinations_name_the_field(overrides, message):

@@ -45,7 +45,9 @@ BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "patches": ("megatron_patches/ · megatron_compat", ("megatron_patches", "pipeline.megatron_compat")),
 }
 IGNORED = ("pipeline",)  # the package's own __init__ (a docstring and a version)
-UNDRAWN = ("config",)  # every box reads its config section and raises its errors: arrows into it are not drawn
+UNDRAWN = (
+    "config",
+)  # every box reads its config section and raises its errors: arrows into it are not drawn
 
 
 def module_name(path: Path) -> str:

@@ -30,8 +30,7 @@ from pipeline.actor.hf_mapping import get_mapping
 from pipeline.actor.hf_mapping.common import tp_unshard
 from pipeline.actor.hf_mapping.family import Dims
 from pipeline.actor.weights import global_name, is_te_naming, unwrap
-
-DEFAULT_BUCKET_BYTES = 512 * 1024**2
+from pipeline.rollout.transports.common import DEFAULT_BUCKET_BYTES, bucketed
 
 
 def _chunks(actor_or_chunks) -> list:
@@ -170,20 +169,6 @@ def export_hf_weights(
     rules = get_mapping(hf_config["model_type"]).rules(hf_config, te=te)
     gather = _gather_live_everywhere if everywhere else _gather_live
     yield from megatron_to_hf_stream(gather(chunks, rules), hf_config, te=te, dtype=dtype)
-
-
-def bucketed(named: Iterable, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[list]:
-    """Group `(name, tensor)` pairs into lists of at most `bucket_bytes` (a bigger tensor goes alone)."""
-    bucket, size = [], 0
-    for name, tensor in named:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def export_hf_buckets(

@@ -174,7 +174,7 @@ class ActorWorker:
         import time
 
         from pipeline.actor.export import export_hf_buckets
-        from pipeline.rollout.cuda_ipc import ColocatedSync
+        from pipeline.rollout.transports.cuda_ipc import ColocatedSync
 
         if not hasattr(self, "_ipc"):  # its process groups are made once, by every rank
             self._ipc = ColocatedSync(target["engine_ranks"], target["urls"], self.rank)

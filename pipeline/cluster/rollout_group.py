@@ -86,7 +86,7 @@ def _absolute_paths(cfg):
 
 
 class RolloutGroup:
-    """The engines of the job; the trainer calls `generate`, `logprobs`, memory and state verbs."""
+    """The engines of the job; the trainer calls `generate`, `engine_logprobs`, memory and state verbs."""
 
     def __init__(
         self,
@@ -162,10 +162,12 @@ class RolloutGroup:
                 raise RolloutAborted("rollout aborted: preemption requested")
         return [s for part in ray.get(futures) for s in part]
 
-    def logprobs(self, sequences, prompt_lens, temperature: float) -> list[list[float]]:
+    def engine_logprobs(self, sequences, prompt_lens, temperature: float) -> list[list[list[float]]]:
+        """Per engine, teacher-forced log-probs of the sequences' tokens after their prompts (what
+        `check_weight_sync` compares with the actor's)."""
         if self.engine is not None:
-            return self.engine.logprobs(sequences, prompt_lens, temperature)
-        return ray.get(self.workers[0].logprobs.remote(sequences, prompt_lens, temperature))
+            return self.engine.engine_logprobs(sequences, prompt_lens, temperature)
+        return ray.get([w.logprobs.remote(sequences, prompt_lens, temperature) for w in self.workers])
 
     def metrics(self) -> dict:
         if self.engine is None:

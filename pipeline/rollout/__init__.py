@@ -16,7 +16,8 @@ _WHERE = {
     "LocalEngine": "local",
     # SGLangEngine needs aiohttp.
     "SGLangEngine": "sglang_engine",
-    "WeightSyncError": "sglang_engine",
+    "WeightSyncError": "verify",
+    "check_weight_sync": "verify",
     "RolloutError": "base",
     "RolloutAborted": "base",
 }

@@ -42,11 +42,25 @@ class Sample:
 
 
 class Engine(Protocol):
-    """What the trainer needs from a rollout engine (SGLangEngine, LocalEngine)."""
+    """What the trainer, the step verbs and the rollout group need from a rollout engine
+    (`SGLangEngine`, `LocalEngine`; tests/rollout/test_engine_protocol.py checks both)."""
 
     weight_version: int
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]: ...
+
+    def abort(self) -> None:
+        """Stop a running `generate`: it raises RolloutAborted."""
+
+    def logprobs(
+        self, sequences: list[list[int]], prompt_lens: list[int], temperature: float = 1.0
+    ) -> list[list[float]]:
+        """Teacher-forced log-probs of each sequence's tokens after its prompt."""
+
+    def engine_logprobs(
+        self, sequences: list[list[int]], prompt_lens: list[int], temperature: float = 1.0
+    ) -> list[list[list[float]]]:
+        """`logprobs` from every engine behind this object (the weight-sync check compares each)."""
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
 
@@ -54,9 +68,10 @@ class Engine(Protocol):
 
     def resume(self) -> None: ...
 
-    def release_memory(self) -> None: ...
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Give device memory back: `tags` of "weights", "kv_cache", "cuda_graph" (None: all)."""
 
-    def resume_memory(self) -> None: ...
+    def resume_memory(self, tags: list[str] | None = None) -> None: ...
 
     def health(self) -> bool: ...
 

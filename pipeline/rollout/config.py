@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
+from pipeline.rollout.transports.common import DEFAULT_BUCKET_BYTES
 
 SYNC_METHODS = ("distributed", "tensor", "disk")
 ENGINES = ("local", "sglang")
@@ -58,9 +59,8 @@ class RolloutConfig:
     sync_backend: str = ""  # process-group backend for "distributed"; "" = gloo on cpu, nccl on cuda
     sync_master_addr: str = "127.0.0.1"  # the trainer's address the servers connect to
     sync_master_port: int = 0  # rendezvous port of the weight-update group; 0 = a free port
-    bucket_bytes: int = 512 * 1024**2  # tensors per update request/broadcast round
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES  # weight-sync bucket: export, request, broadcast round
     sync_dir: str = ""  # where "disk" sync writes safetensors ("" = a temporary directory)
-    verify_tolerance: float = 1e-4  # max |engine - trainer| log-prob on the probe after a sync
 
     def validate(self) -> RolloutConfig:
         if self.engine not in ENGINES:
@@ -79,8 +79,6 @@ class RolloutConfig:
             raise RolloutConfigError(
                 "rollout.bucket_bytes and batch_size must be positive, max_inflight >= 0 (0 = all at once)"
             )
-        if self.verify_tolerance <= 0:
-            raise RolloutConfigError(f"rollout.verify_tolerance={self.verify_tolerance}: must be > 0")
         if self.device not in ("cpu", "cuda"):
             raise RolloutConfigError(f"rollout.device={self.device!r}: expected 'cpu' or 'cuda'")
         if self.engine == "sglang" and self.device == "cuda":

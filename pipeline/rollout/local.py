@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pipeline.rollout.base import Sample, SamplingParams
+from pipeline.rollout.base import RolloutAborted, Sample, SamplingParams
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -50,6 +50,7 @@ class LocalEngine:
         self.weight_version = 0
         self._paused = threading.Event()
         self._released = False
+        self._aborting = False
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs):
@@ -63,6 +64,7 @@ class LocalEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         if self._released:
             raise RuntimeError("LocalEngine.generate after release_memory(): call resume_memory() first")
+        self._aborting = False
         out: list[Sample] = []
         for lo in range(0, len(prompts), self.batch_size):
             out.extend(self._generate_batch(prompts[lo : lo + self.batch_size], params))
@@ -86,6 +88,8 @@ class LocalEngine:
         past = None
         cur_ids, cur_mask = ids, mask
         for _ in range(params.max_new_tokens):
+            if self._aborting:
+                raise RolloutAborted("rollout aborted")
             pos = (cur_mask.cumsum(-1) - 1).clamp_min(0)
             out = self.model(
                 input_ids=cur_ids if past is None else cur_ids[:, -1:],
@@ -118,6 +122,10 @@ class LocalEngine:
             Sample(list(p), r, lp, reason, self.weight_version)
             for p, r, lp, reason in zip(prompts, responses, logps, reasons, strict=True)
         ]
+
+    def abort(self) -> None:
+        """Stop a `generate` running in another thread before its next token (RolloutAborted)."""
+        self._aborting = True
 
     # ---- weights ----------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -171,6 +179,12 @@ class LocalEngine:
             out.append(lp[n - 1 :].tolist())
         return out
 
+    def engine_logprobs(
+        self, sequences: list[list[int]], prompt_lens: list[int], temperature: float = 1.0
+    ) -> list[list[list[float]]]:
+        """`logprobs` as the one engine's entry (the weight-sync check's view of every engine)."""
+        return [self.logprobs(sequences, prompt_lens, temperature)]
+
     # ---- lifecycle --------------------------------------------------------------------------
     def pause(self) -> None:
         self._paused.set()
@@ -178,12 +192,12 @@ class LocalEngine:
     def resume(self) -> None:
         self._paused.clear()
 
-    def release_memory(self) -> None:
-        """Mark the engine released. On CPU there is no device memory to give back: weights and the
-        per-call KV cache live in host memory (the cache is already freed after each generate)."""
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Mark the engine released (whatever `tags`). On CPU there is no device memory to give back:
+        weights and the per-call KV cache live in host memory (the cache is freed after each generate)."""
         self._released = True
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: list[str] | None = None) -> None:
         self._released = False
 
     def health(self) -> bool:

@@ -1,4 +1,5 @@
-"""Start and stop one SGLang server (or sglang-router) as a child process in its own process group.
+"""Start and stop one SGLang server as a child process in its own process group (`router.py` uses
+`ManagedProcess` for sglang-router; `lifecycle.py` owns a fleet of servers).
 
 A server is `python -m sglang.launch_server` with arguments from `RolloutConfig`; it is healthy once
 `GET /health_generate` answers 200 (a real one-token generation). If it dies while starting, the error
@@ -47,6 +48,14 @@ def http_json(url: str, payload: dict | None = None, *, timeout: float = 60.0, m
         return status, json.loads(body) if body else None
     except ValueError:
         return status, body.decode(errors="replace")
+
+
+def post_checked(url: str, endpoint: str, payload: dict, *, timeout: float = 600.0):
+    """POST a control request to one server; ServerError naming it unless it answered success."""
+    status, body = http_json(f"{url}/{endpoint}", payload, timeout=timeout)
+    if status != 200 or (isinstance(body, dict) and body.get("success") is False):
+        raise ServerError(f"{url}/{endpoint} answered HTTP {status}: {body}")
+    return body
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -203,17 +212,6 @@ def server_command(
             "--disable-cuda-graph",
         ]  # fmt: skip
     return cmd + list(cfg.extra_args)
-
-
-def router_command(cfg: RolloutConfig, port: int, worker_urls: list[str]) -> list[str]:
-    python = cfg.python or sys.executable
-    return [
-        python, "-m", "sglang_router.launch_router",
-        "--host", cfg.host or "127.0.0.1",
-        "--port", str(port),
-        "--worker-urls", *worker_urls,
-        "--policy", "round_robin",
-    ]  # fmt: skip
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -1,17 +1,18 @@
 """sync: the engines serve the actor's weights, and a probe proves it.
 
-Megatron rank 0 streams the export generator's buckets (HF names, TP/PP gathered) straight into the
-engines as weight version `version` (colocated SGLang with `sync_method: tensor`: every rank hands
-the engine on its GPU each bucket over CUDA IPC); then the engines' teacher-forced log-probs of a fixed probe (a
-few held-out prompts with their answers) must equal the actor's within `trainer.sync_tolerance`.
+Megatron rank 0 streams the export generator's buckets (HF names, TP/PP gathered, `rollout.bucket_bytes`
+each) straight into the engines as weight version `version` (colocated SGLang with `sync_method:
+tensor`: every rank hands the engine on its GPU each bucket over CUDA IPC); then every engine's
+teacher-forced log-probs of a fixed probe (a few held-out prompts with their answers) must equal the
+actor's within `trainer.sync_tolerance` (`pipeline.rollout.verify.check_weight_sync`, the check the
+tests use too).
 """
 
 from __future__ import annotations
 
 from pipeline.batch import Batch
-from pipeline.errors import TrainingError
 from pipeline.metrics import timed
-from pipeline.rollout import Sample
+from pipeline.rollout import Sample, check_weight_sync
 
 
 def sync(job, m: dict | None = None, version: int | None = None) -> dict:
@@ -19,24 +20,23 @@ def sync(job, m: dict | None = None, version: int | None = None) -> dict:
     version = job.step if version is None else version
     out: dict = {}
     with timed(out, "weight_sync"):
-        out.update(
-            job.actors.sync_weights(job.rollout.sync_target(), version, job.cfg.trainer.sync_bucket_mb << 20)
-        )
+        out.update(job.actors.sync_weights(job.rollout.sync_target(), version, job.cfg.rollout.bucket_bytes))
         seqs, lens = _probe(job)
-        engine = job.rollout.logprobs(seqs, lens, job.cfg.actor.temperature)
         samples = [
             Sample(s[:n], s[n:], [0.0] * (len(s) - n), "stop", version)
             for s, n in zip(seqs, lens, strict=True)
         ]
         batch = Batch.from_samples(samples)
         actor = job.actors.compute_log_prob(batch, entropy=False)["log_prob"][batch.loss_mask.bool()]
-        flat = [x for lp in engine for x in lp]
-        diff = max(abs(a - float(b)) for a, b in zip(flat, actor, strict=True))
-    tol = job.cfg.trainer.sync_tolerance
-    if not diff <= tol:
-        raise TrainingError(
-            f"weight sync check failed at step {job.step}: engine and actor log-probs of the probe differ "
-            f"by {diff:.3g} > trainer.sync_tolerance={tol}; the export mapping or the engine's dtype is wrong"
+        actor = [part.tolist() for part in actor.split([len(s) - n for s, n in zip(seqs, lens)])]
+        diff = check_weight_sync(
+            job.rollout,
+            seqs,
+            lens,
+            actor,
+            tolerance=job.cfg.trainer.sync_tolerance,
+            temperature=job.cfg.actor.temperature,
+            version=version,
         )
     job.state.weight_version = version
     out.update({"sync/probe_max_abs_diff": diff, "sync/version": version})

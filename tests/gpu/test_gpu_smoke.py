@@ -147,7 +147,8 @@ def test_sglang_serves_on_the_gpu_and_releases_its_memory(server):
 def test_cuda_ipc_sync_from_the_actor_on_the_same_gpu(world, server, tmp_path):
     from pipeline.actor.export import export_hf_buckets
     from pipeline.hf_io import read_config
-    from pipeline.rollout.cuda_ipc import ColocatedSync
+    from pipeline.rollout.transports.cuda_ipc import ColocatedSync
+    from pipeline.rollout.verify import check_weight_sync
 
     hf_dir = str(make_tiny_hf(tmp_path / "actor", "qwen2", seed=6))
     actor = _actor(hf_dir)
@@ -158,7 +159,7 @@ def test_cuda_ipc_sync_from_the_actor_on_the_same_gpu(world, server, tmp_path):
     for bucket in export_hf_buckets(actor, read_config(hf_dir), bucket_bytes=1 << 16, everywhere=True):
         sync.push(bucket, 7)
     sync.end()
-    worst = server.verify(batch["input_ids"].tolist(), [8] * 4, trainer.tolist(), tolerance=1e-3)
+    worst = check_weight_sync(server, batch["input_ids"].tolist(), [8] * 4, trainer.tolist(), tolerance=1e-3)
     print(f"CUDA IPC sync: probe max |engine - actor| = {worst:.2e}")
 
 

@@ -11,6 +11,7 @@ import torch
 from pipeline.batch import Batch
 from pipeline.rollout import Sample, SamplingParams
 from pipeline.rollout.sglang_engine import SGLangEngine
+from pipeline.rollout.verify import check_weight_sync
 from pipeline.tiny import char_tokenizer
 from tests.actor.common import setup_actor
 from tests.actor.tiny_hf import make_tiny_hf
@@ -51,7 +52,7 @@ def _sync_worker(rank, world_size, tp, hf_dir, urls, cfg, version):
         engine = SGLangEngine.attach(cfg, urls)
         try:
             engine.update_weights(stream, version=version, method="distributed")
-            worst = engine.verify(batch.tokens.view(B, S).tolist(), [S - R] * B, trainer.tolist())
+            worst = check_weight_sync(engine, batch.tokens.view(B, S).tolist(), [S - R] * B, trainer.tolist())
             samples = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))
             result = (worst, dict(engine.metrics), [s.weight_version for s in samples])
         finally:
@@ -91,7 +92,7 @@ def _colocated_worker(rank, world_size, layout, hf_dir, urls, cfg, version):
     from pipeline.actor.config import ActorConfig
     from pipeline.actor.export import export_hf_buckets
     from pipeline.hf_io import read_config
-    from pipeline.rollout.cuda_ipc import ColocatedSync
+    from pipeline.rollout.transports.cuda_ipc import ColocatedSync
 
     actor = setup_actor(ActorConfig(max_tokens_per_micro_batch=2 * S, **layout), hf_dir)
     batch = probe_batch()
@@ -107,7 +108,7 @@ def _colocated_worker(rank, world_size, layout, hf_dir, urls, cfg, version):
     result = None
     if rank == 0:
         engine = SGLangEngine.attach(cfg, urls)
-        worst = engine.verify(batch.tokens.view(B, S).tolist(), [S - R] * B, trainer.tolist())
+        worst = check_weight_sync(engine, batch.tokens.view(B, S).tolist(), [S - R] * B, trainer.tolist())
         samples = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))
         result = (worst, nbytes, [s.weight_version for s in samples])
     ps.destroy_model_parallel()

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-from pipeline.rollout import cuda_ipc
+from pipeline.rollout.transports import cuda_ipc
 from tests.actor.common import setup_actor
 from tests.actor.tiny_hf import make_tiny_hf
 from tests.distributed import run_distributed

@@ -5,8 +5,9 @@ import math
 import pytest
 
 from pipeline.rollout import RolloutConfig, RolloutConfigError, SamplingParams, logprob_mismatch
+from pipeline.rollout.client import parse_output, sampling_payload
 from pipeline.rollout.server import server_command, server_env
-from pipeline.rollout.sglang_engine import SGLangEngine, parse_output, sampling_payload
+from pipeline.rollout.sglang_engine import SGLangEngine
 
 
 def test_bad_configs_name_the_field():

@@ -10,7 +10,9 @@ import threading
 import pytest
 
 from pipeline.rollout import SamplingParams
-from pipeline.rollout.sglang_engine import SGLangEngine, WeightSyncError, bucketed
+from pipeline.rollout.sglang_engine import SGLangEngine
+from pipeline.rollout.transports.common import bucketed
+from pipeline.rollout.verify import WeightSyncError, check_weight_sync
 from tests.rollout.sglang_support import (
     needs_sglang,
     prompts,
@@ -85,7 +87,7 @@ def test_sync_makes_the_engine_compute_the_new_models_logprobs(served, tmp_path,
     assert max_diff(engine.logprobs(seqs, lens), trainer) > 1e-2  # the engine still serves other weights
     engine.update_weights(state_stream(new), version=version, method=method)
     m = dict(engine.metrics)
-    worst = engine.verify(seqs, lens, trainer)
+    worst = check_weight_sync(engine, seqs, lens, trainer)
     print(f"{method}: {m['sync/tensors']} tensors, {m['sync/mb']:.3f} MB in {m['sync/time_s']:.3f} s "
           f"({m['sync/mb_per_s']:.1f} MB/s); probe max |diff| = {worst:.2e}")  # fmt: skip
     assert worst <= TOL and engine.weight_version == version
@@ -97,8 +99,8 @@ def test_verify_stops_the_step_when_the_engine_serves_other_weights(served, tmp_
     engine, _ = served
     _, other = save_tiny_model(tmp_path / "other", seed=11)
     seqs, lens = probe()
-    with pytest.raises(WeightSyncError, match="verify_tolerance"):
-        engine.verify(seqs, lens, teacher_forced(other, seqs, lens))
+    with pytest.raises(WeightSyncError, match="trainer.sync_tolerance"):
+        check_weight_sync(engine, seqs, lens, teacher_forced(other, seqs, lens))
 
 
 def test_names_the_server_ignores_are_caught_by_verification(served, tmp_path):
@@ -109,7 +111,7 @@ def test_names_the_server_ignores_are_caught_by_verification(served, tmp_path):
     renamed = ((name.replace("model.", "decoder."), t) for name, t in state_stream(new))
     engine.update_weights(renamed, version=98, method="distributed")
     with pytest.raises(WeightSyncError, match="do not match the served model"):
-        engine.verify(seqs, lens, teacher_forced(new, seqs, lens))
+        check_weight_sync(engine, seqs, lens, teacher_forced(new, seqs, lens))
 
 
 def test_buckets_respect_the_byte_limit():

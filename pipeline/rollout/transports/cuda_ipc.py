@@ -109,12 +109,9 @@ class ColocatedSync:
         return self.where is not None and self.where[1] == 0
 
     def _control(self, endpoint: str, payload: dict):
-        from pipeline.rollout.server import ServerError, http_json
+        from pipeline.rollout.server import post_checked
 
-        url = self.urls[self.where[0]]
-        status, body = http_json(f"{url}/{endpoint}", payload, timeout=self.timeout)
-        if status != 200 or (isinstance(body, dict) and body.get("success") is False):
-            raise ServerError(f"{url}/{endpoint} answered HTTP {status}: {body}")
+        post_checked(self.urls[self.where[0]], endpoint, payload, timeout=self.timeout)
 
     def begin(self) -> None:
         if self.leader:
