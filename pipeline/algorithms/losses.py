@@ -498,25 +498,17 @@ def policy_loss(
     old_log_prob: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    *,
-    segments: Tensor | None = None,
-    positions: Tensor | None = None,
-    entropy: Tensor | None = None,
-    ref_log_prob: Tensor | None = None,
-    sample_ids: Tensor | None = None,
-    step: int = 0,
-    dp_group=None,
-    entropy_coef: float | None = None,
+    **batch,
 ) -> tuple[Tensor, dict[str, float]]:
     """Loss of this rank's whole mini-batch, `apply_loss(cfg, prepare_loss(cfg, ...), ...)`, and the
-    mini-batch's metrics (over `dp_group` with global_stats; the loss is this rank's share)."""
-    plan = prepare_loss(
-        cfg, log_prob, old_log_prob, advantages, response_mask, segments=segments, positions=positions,
-        entropy=entropy, ref_log_prob=ref_log_prob, sample_ids=sample_ids, step=step, dp_group=dp_group,
-        entropy_coef=entropy_coef,
-    )  # fmt: skip
+    mini-batch's metrics (over `dp_group` with global_stats; the loss is this rank's share).
+
+    `batch`: `prepare_loss`'s keywords (segments, positions, entropy, ref_log_prob, sample_ids, step,
+    dp_group, entropy_coef), with the same meaning."""
+    plan = prepare_loss(cfg, log_prob, old_log_prob, advantages, response_mask, **batch)
     loss, sums = apply_loss(
-        cfg, plan, log_prob, old_log_prob, advantages, response_mask, entropy=entropy, ref_log_prob=ref_log_prob
+        cfg, plan, log_prob, old_log_prob, advantages, response_mask,
+        entropy=batch.get("entropy"), ref_log_prob=batch.get("ref_log_prob"),
     )  # fmt: skip
-    group = dp_group if cfg.global_stats else None
+    group = batch.get("dp_group") if cfg.global_stats else None
     return loss, finish_metrics(cfg, plan, total_sums([sums], group))
