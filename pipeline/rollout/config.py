@@ -22,7 +22,9 @@ class RolloutConfigError(ConfigError):
 @dataclass(kw_only=True, slots=True)
 class RolloutConfig:
     # --- which engine, where -------------------------------------------------------------------
-    engine: str = "local"  # "local": a transformers engine in a Ray actor per engine (CPU demo); "sglang": servers
+    engine: str = (
+        "local"  # "local": a transformers engine in a Ray actor per engine (CPU demo); "sglang": servers
+    )
     colocate: bool = True  # engines share the actor's devices (memory released between phases)
     engine_cpus: float = 0.5  # Ray CPUs per engine when not colocated (colocated: half a bundle)
 
