@@ -2,12 +2,13 @@
 """Run a recipe once per entropy-control method (and seed), same budget; print a table; overlay plots.
 
     python tools/compare_methods.py [--config configs/collapse_cpu.yaml] [--out runs/compare] \\
-        [--methods grpo,clip_cov] [--seeds 0,1,2] [--steps N] [section.field=value ...]
+        [--methods grpo,clip_cov] [--seeds 0,1,2] [--seeded grpo,clip_cov] [--steps N] \\
+        [section.field=value ...]
 
 Every run is `python -m pipeline train --config CONFIG` with the method's overrides (`METHODS`,
 each with the settings of its reference recipe) and the same seed, steps and evaluation. The
-methods in `SEEDED` run once per seed of --seeds, the others with the first seed only. A run that
-finished is reused (delete its directory, OUT/<method>_s<seed>, to redo it). Writes OUT/results.md,
+methods in --seeded (default `SEEDED`) run once per seed of --seeds, the others with the first
+seed only. A run that finished is reused (delete its directory, OUT/<method>_s<seed>, to redo it). Writes OUT/results.md,
 OUT/results.json and the plots of tools/plot_run.py (seeds of a method as a mean and a band) in
 OUT/plots/.
 
@@ -260,16 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
     ap.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the recipe's)")
     ap.add_argument(
-        "--seeds", default="0,1,2", help=f"seeds of {', '.join(SEEDED)}; the others run the first"
+        "--seeds", default="0,1,2", help="seeds of the --seeded methods; the others run the first"
     )
     ap.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+    )
+    ap.add_argument(
+        "--seeded", default=",".join(SEEDED), help="the methods that run every seed (default: %(default)s)"
     )
     ap.add_argument("--retries", type=int, default=2, help="restarts (resuming) of a run that dies")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every run")
     args = ap.parse_args(argv)
     names = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in names if m not in METHODS]
+    seeded = [m for m in args.seeded.split(",") if m]
+    unknown = [m for m in names + seeded if m not in METHODS]
     if unknown:
         ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
     try:
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--config {args.config}: no such file")
     args.out.mkdir(parents=True, exist_ok=True)
     # every method's first seed first: a comparison stopped half-way still covers every method
-    plan = [(m, s) for i, s in enumerate(seeds) for m in names if i == 0 or m in SEEDED]
+    plan = [(m, s) for i, s in enumerate(seeds) for m in names if i == 0 or m in seeded]
     dirs = {
         (m, s): run_method(args.config, m, s, args.out, args.steps, args.overrides, args.retries)
         for m, s in plan

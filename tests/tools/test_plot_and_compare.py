@@ -174,3 +174,24 @@ def test_training_law_fits_block_means_of_training_accuracy_against_entropy():
         5,
     )
     assert compare_methods.training_law(h[:25], acc[:25]) is None  # two blocks: nothing to fit
+
+
+def test_seeded_chooses_which_methods_run_every_seed(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(config, method, seed, out, steps, extra, retries):
+        ran.append((method, seed))
+        return tmp_path / f"{method}_s{seed}"
+
+    monkeypatch.setattr(compare_methods, "run_method", fake_run)
+    monkeypatch.setattr(compare_methods, "summarize", lambda m, d: {"method": m})
+    monkeypatch.setattr(compare_methods, "aggregate", lambda m, runs: {"method": m, "seeds": len(runs)})
+    monkeypatch.setattr(compare_methods, "table", lambda results: "table")
+    monkeypatch.setattr(compare_methods, "plot_runs", lambda dirs, out: [])
+    args = ["--out", str(tmp_path), "--methods", "grpo,clip_cov_share,cispo", "--seeds", "0,1"]
+    assert compare_methods.main([*args, "--seeded", "grpo"]) == 0
+    # every method's first seed first, then the later seeds of the --seeded ones only
+    assert ran == [("grpo", 0), ("clip_cov_share", 0), ("cispo", 0), ("grpo", 1)]
+    ran.clear()
+    assert compare_methods.main(args) == 0  # default: SEEDED, which holds clip_cov_share
+    assert ran == [("grpo", 0), ("clip_cov_share", 0), ("cispo", 0), ("grpo", 1), ("clip_cov_share", 1)]
