@@ -129,11 +129,14 @@ class ActorWorker:
         t0 = time.perf_counter()
         with self.actor.resident(needs=("weights",)):
             self.actor.sync_params()  # a deferred all-gather (overlap_param_gather) must land first
-            return self._sync_weights(target, version, bucket_bytes, t0)
+            nbytes = self._sync_weights(target, version, bucket_bytes)
+            dt = time.perf_counter() - t0  # the sync, not the hand-back of `resident`
+        if self.rank != 0:
+            return {}
+        return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
 
-    def _sync_weights(self, target: dict, version: int, bucket_bytes: int, t0: float) -> dict:
-        import time
-
+    def _sync_weights(self, target: dict, version: int, bucket_bytes: int) -> int:
+        """Bytes this rank sent (rank 0's count is the one reported)."""
         from pipeline.actor.export import export_hf_buckets
 
         if (
@@ -141,13 +144,13 @@ class ActorWorker:
             and target.get("engine_ranks")
             and target["cfg"].sync_method == "tensor"
         ):
-            return self._sync_colocated(target, version, bucket_bytes, t0)
+            return self._sync_colocated(target, version, bucket_bytes)
         buckets = export_hf_buckets(self.actor, self.hf_config, bucket_bytes=bucket_bytes)
         nbytes = 0
         if self.rank != 0:
             for _ in buckets:  # only rank 0 yields; the others take part in the gathers
                 pass
-            return {}
+            return 0
         if target["kind"] == "local":
             workers = target["workers"]
             ray.get([w.begin_weight_update.remote() for w in workers])
@@ -166,13 +169,10 @@ class ActorWorker:
                 self._sglang = SGLangEngine.attach(cfg, target["urls"], eos_token_ids=[])
             self._sglang.update_weights((kv for bucket in buckets for kv in bucket), version)
             nbytes = int(self._sglang.metrics["sync/mb"] * (1 << 20))
-        dt = time.perf_counter() - t0
-        return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
+        return nbytes
 
-    def _sync_colocated(self, target: dict, version: int, bucket_bytes: int, t0: float) -> dict:
+    def _sync_colocated(self, target: dict, version: int, bucket_bytes: int) -> int:
         """Colocated engines take every bucket from the GPU they share with a rank (CUDA IPC)."""
-        import time
-
         from pipeline.actor.export import export_hf_buckets
         from pipeline.rollout.transports.cuda_ipc import ColocatedSync
 
@@ -185,10 +185,7 @@ class ActorWorker:
         ):
             nbytes += self._ipc.push(bucket, version)
         self._ipc.end()
-        if self.rank != 0:
-            return {}
-        dt = time.perf_counter() - t0
-        return {"sync/seconds": dt, "sync/MB": nbytes / 1e6, "sync/MB_per_s": nbytes / 1e6 / max(dt, 1e-9)}
+        return nbytes
 
     def save_checkpoint(self, path: str, extra: dict):
         with self.actor.resident():

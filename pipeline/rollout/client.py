@@ -223,9 +223,7 @@ class EngineClient:
             "return_logprob": True,
             "logprob_start_len": [max(n - 1, 0) for n in prompt_lens],
         }
-        status, outs = http_json(f"{self.urls[engine]}/generate", payload, timeout=self.cfg.request_timeout_s)
-        if status != 200:
-            raise ServerError(f"teacher-forced /generate answered HTTP {status}: {outs}")
+        outs = post_checked(self.urls[engine], "generate", payload, timeout=self.cfg.request_timeout_s)
         result = []
         for seq, n, o in zip(sequences, prompt_lens, outs, strict=True):
             rows = o["meta_info"]["input_token_logprobs"]
