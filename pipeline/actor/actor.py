@@ -73,7 +73,7 @@ class MegatronActor:
         chunks = build_model(hf_config, cfg)
         # Packed rows: THD with Transformer Engine, else a block-diagonal mask and RoPE at each
         # token's position in its own sample (megatron's RoPE would use the row's positions).
-        self.thd = uses_transformer_engine()
+        self.thd = uses_transformer_engine(cfg.layer_spec)  # the spec build_model used
         for c in chunks:
             if not self.thd and getattr(c, "rotary_pos_emb", None) is not None:
                 packing.sequence_positions(c.rotary_pos_emb)
