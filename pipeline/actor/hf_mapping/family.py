@@ -98,7 +98,6 @@ class Family:
     mlp_bias: bool | None = None  # None: config["mlp_bias"]
     qk_norm: bool = False  # per-head norm of q and k (megatron's qk_layernorm)
     normalization: str = "RMSNorm"  # megatron's name; epsilon from config["rms_norm_eps"]
-    activations: tuple[str, ...] = ("silu",)  # the config["hidden_act"] values supported
     rope_scalings: tuple[str, ...] = ROPE_SCALINGS  # config["rope_scaling"] types supported
 
     def _flag(self, value: bool | None, hf_config: dict, key: str) -> bool:
@@ -115,8 +114,8 @@ class Family:
     def unsupported(self, hf_config: dict) -> str | None:
         """What in `hf_config` megatron cannot express exactly (None: everything can)."""
         act = hf_config.get("hidden_act", "silu")
-        if act not in self.activations:
-            return f"hidden_act={act!r}; supported: {', '.join(map(repr, self.activations))}"
+        if act not in ACTIVATIONS:  # megatron's gated MLP knows these
+            return f"hidden_act={act!r}; supported: {', '.join(map(repr, ACTIVATIONS))}"
         scaling = hf_config.get("rope_scaling") or {}
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in self.rope_scalings:
